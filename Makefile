@@ -1,0 +1,30 @@
+# Two entry points for a newcomer: `make test` and `make demo`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.croc-installed
+INSTALL_DEPS := setup.py pyproject.toml scripts/setup_env.sh $(wildcard csrc/*)
+
+.PHONY: setup test lint format demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(INSTALL_DEPS)
+	VENV=$(VENV) bash scripts/setup_env.sh
+	touch $@
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+test: lint
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/croc demo
+
+clean:
+	rm -rf build *.egg-info croc/_C*.so runs/demo

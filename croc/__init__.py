@@ -1,0 +1,11 @@
+"""croc: fast Croc/ViCToR cross-modal pretraining for LLaVA-style models.
+
+Importing croc needs neither a GPU nor transformers/DeepSpeed.
+"""
+
+from croc.attention import mixed_attention
+from croc.mask import BlockMetadata, MixedMask
+
+__version__ = "0.1.0"
+
+__all__ = ["BlockMetadata", "MixedMask", "__version__", "mixed_attention"]

@@ -1,0 +1,398 @@
+"""The mixed attention mask as data: one key interval per query.
+
+For every mask family croc supports (causal text, bidirectional image spans, prefix-LM, packed
+documents, padding) the keys visible to query ``i`` of row ``b`` form one contiguous interval
+``[kv_start[b, i], kv_end[b, i])`` of absolute key positions. An empty interval
+(``kv_start == kv_end``) marks a padding query: its output and gradients are zero.
+
+Example, one row of 8 tokens: text ``t``, an image span ``I`` of 3 tokens, padding ``.``::
+
+    tokens     t  I  I  I  t  t  .  .        key j ->  0 1 2 3 4 5 6 7
+    kv_start   0  0  0  0  0  0  0  0        query 0   x . . . . . . .
+    kv_end     1  4  4  4  5  6  0  0        query 1   x x x x . . . .   image tokens see
+                                             query 2   x x x x . . . .   their whole span
+                                             query 3   x x x x . . . .
+                                             query 4   x x x x x . . .   text stays causal
+                                             query 5   x x x x x x . .
+                                             query 6   . . . . . . . .   padding: empty row
+
+The dense rule (the single source of truth, used by the tests): in row ``b``, key ``j`` is
+visible to query ``i`` iff ``valid[i] and valid[j] and seg[i] == seg[j] and (j <= i or
+(span[i] >= 0 and span[i] == span[j]))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["BlockMetadata", "MixedMask"]
+
+TILE_EMPTY = 0
+TILE_PARTIAL = 1
+TILE_FULL = 2
+
+
+@dataclass(frozen=True)
+class BlockMetadata:
+    """Tile classification of a mask for one (block_q, block_k) tiling.
+
+    Attributes:
+        block_q, block_k: the tile sizes (ints).
+        tile_kind: int8 [B, nQ, nK]; ``TILE_EMPTY`` (0, never loaded), ``TILE_PARTIAL`` (1, needs
+            per-element masking) or ``TILE_FULL`` (2, every (query, key) pair visible).
+        kv_blocks: int32 [B, nQ, nK]; for query block ``qb`` the indices of its non-empty key
+            blocks in ascending order, in the first ``kv_block_count[b, qb]`` entries (the rest
+            are padding, set to 0).
+        kv_block_count: int32 [B, nQ].
+        q_blocks: int32 [B, nK, nQ]; for key block ``kb`` its non-empty query blocks, ascending
+            (the column view, used by the backward's dK/dV pass).
+        q_block_count: int32 [B, nK].
+    """
+
+    block_q: int
+    block_k: int
+    tile_kind: torch.Tensor
+    kv_blocks: torch.Tensor
+    kv_block_count: torch.Tensor
+    q_blocks: torch.Tensor
+    q_block_count: torch.Tensor
+
+
+def _check_2d_int(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must have shape [batch, seq_len], got {tuple(t.shape)}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+
+
+def _optional_companion(
+    name: str, t: torch.Tensor | None, like: torch.Tensor, allow_bool: bool
+) -> torch.Tensor | None:
+    """Validate an optional [B, L] tensor that accompanies ``like`` (shape and device)."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(like.shape):
+        raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the ids are on {like.device}")
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        raise ValueError(f"{name} must be an integer or bool tensor, got dtype {t.dtype}")
+    if t.dtype == torch.bool and not allow_bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    return t
+
+
+def _run_starts(values: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """bool [B, L]: ``active`` positions where a new run of equal ``values`` begins."""
+    starts = active.clone()
+    starts[:, 1:] &= ~(active[:, :-1] & (values[:, 1:] == values[:, :-1]))
+    return starts
+
+
+def _repeated_run_values(values: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """bool [B]: rows in which two different runs (``starts``) carry the same value."""
+    sentinel = torch.iinfo(torch.int64).max
+    keyed = torch.where(starts, values.to(torch.int64), torch.full_like(values, sentinel, dtype=torch.int64))
+    ordered = keyed.sort(dim=1).values
+    return ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != sentinel)).any(dim=1)
+
+
+def _first_bad_row(bad: torch.Tensor) -> int:
+    return int(bad.nonzero()[0, 0])
+
+
+def _tile_counts(
+    first_block: torch.Tensor, last_block: torch.Tensor, num_q_blocks: int, num_k_blocks: int, block_q: int
+) -> torch.Tensor:
+    """int32 [B, nQ, nK]: how many queries of each query block cover each key block.
+
+    Each query covers the contiguous key-block range ``[first_block, last_block]`` (empty if
+    ``last_block < first_block``); a difference array accumulates the ranges in O(L).
+    """
+    batch, seq_q = first_block.shape
+    diff = torch.zeros(batch, num_q_blocks, num_k_blocks + 1, dtype=torch.int32, device=first_block.device)
+    q_block = (torch.arange(seq_q, device=first_block.device) // block_q).expand(batch, seq_q)
+    nonempty = last_block >= first_block
+    ones = nonempty.to(torch.int32)
+    start_idx = torch.where(nonempty, first_block, 0).clamp(0, num_k_blocks)
+    stop_idx = torch.where(nonempty, last_block + 1, 0).clamp(0, num_k_blocks)
+    flat = diff.view(batch, -1)
+    row_base = q_block * (num_k_blocks + 1)
+    flat.scatter_add_(1, (row_base + start_idx).long(), ones)
+    flat.scatter_add_(1, (row_base + stop_idx).long(), -ones)
+    return diff.cumsum(dim=2, dtype=torch.int32)[:, :, :num_k_blocks]
+
+
+def _compact_block_lists(nonempty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For bool [..., n]: (indices of the True entries first, ascending, as int32; their count)."""
+    n = nonempty.shape[-1]
+    positions = torch.arange(n, device=nonempty.device, dtype=torch.int32)
+    order_key = torch.where(nonempty, positions, positions + n)
+    ordered = order_key.sort(dim=-1).values
+    count = nonempty.sum(dim=-1, dtype=torch.int32)
+    ids = torch.where(ordered < n, ordered, torch.zeros_like(ordered))
+    return ids.to(torch.int32), count
+
+
+class MixedMask:
+    """Per-query key intervals ``[kv_start, kv_end)`` describing an attention mask in O(L) memory.
+
+    Build it with one of the constructors (``from_spans``, ``from_image_mask``, ``causal``,
+    ``from_intervals``); do not call ``__init__`` with unchecked data.
+
+    Attributes:
+        kv_start: int32 [B, Lq], first visible key of each query (absolute key position).
+        kv_end: int32 [B, Lq], one past the last visible key; ``kv_start == kv_end`` is an empty row.
+        num_keys: int, the key length Lk the intervals refer to.
+    """
+
+    def __init__(self, kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int) -> None:
+        self.kv_start = kv_start
+        self.kv_end = kv_end
+        self.num_keys = int(num_keys)
+        self._block_cache: dict[tuple[int, int], BlockMetadata] = {}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_intervals(
+        cls, kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int, validate: bool = True
+    ) -> MixedMask:
+        """General constructor from explicit intervals.
+
+        Args:
+            kv_start, kv_end: integer [B, Lq] tensors on one device; ``0 <= start <= end <= num_keys``.
+                ``Lq`` may be smaller than ``num_keys`` (e.g. the last Lq queries of a KV cache).
+            num_keys: the key length Lk.
+            validate: check the range (one host sync); skip it in hot loops with trusted data.
+        """
+        _check_2d_int("kv_start", kv_start)
+        _check_2d_int("kv_end", kv_end)
+        if kv_start.shape != kv_end.shape:
+            raise ValueError(
+                f"kv_end must have the shape of kv_start {tuple(kv_start.shape)}, got {tuple(kv_end.shape)}"
+            )
+        if kv_start.device != kv_end.device:
+            raise ValueError(f"kv_start is on {kv_start.device} but kv_end is on {kv_end.device}")
+        if isinstance(num_keys, bool) or not isinstance(num_keys, int) or num_keys < 0:
+            raise ValueError(f"num_keys must be a non-negative int, got {num_keys!r}")
+        if validate and kv_start.numel() > 0:
+            bad = (kv_start < 0) | (kv_start > kv_end) | (kv_end > num_keys)
+            if bool(bad.any()):
+                b, i = (int(x) for x in bad.nonzero()[0])
+                raise ValueError(
+                    f"kv_start/kv_end: interval [{int(kv_start[b, i])}, {int(kv_end[b, i])}) of "
+                    f"query {i} in row {b} is not inside [0, num_keys={num_keys}] with start <= end"
+                )
+        return cls(kv_start.to(torch.int32).contiguous(), kv_end.to(torch.int32).contiguous(), num_keys)
+
+    @classmethod
+    def causal(cls, batch: int, seq_len: int, device: torch.device | str | None = None) -> MixedMask:
+        """Plain causal mask: query ``i`` sees keys ``[0, i + 1)``."""
+        if batch < 0 or seq_len < 0:
+            raise ValueError(f"batch and seq_len must be >= 0, got {batch} and {seq_len}")
+        end = torch.arange(1, seq_len + 1, dtype=torch.int32, device=device).expand(batch, seq_len)
+        return cls(torch.zeros(batch, seq_len, dtype=torch.int32, device=device), end.contiguous(), seq_len)
+
+    @classmethod
+    def from_spans(
+        cls,
+        span_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        validate: bool = True,
+    ) -> MixedMask:
+        """Mask with bidirectional spans inside causal text, padding and packed documents.
+
+        Args:
+            span_ids: integer [B, L]; ``-1`` for a causal token, a non-negative id for a token of a
+                bidirectional span. The tokens of one span (same id in one row) must be contiguous,
+                inside one document and not padding.
+            attention_mask: optional [B, L] (bool or 0/1 int); 0/False marks padding (empty rows,
+                keys never seen). Within a document the valid tokens must be contiguous (left or
+                right padding, not holes).
+            segment_ids: optional integer [B, L]; packed-document id per token. Each document must
+                be one contiguous run of valid tokens; tokens only see their own document.
+            validate: run the malformed-input checks (one host sync). Turn off only for data
+                already known to be well formed.
+
+        Returns:
+            MixedMask with ``num_keys == L``.
+
+        Raises:
+            ValueError: wrong shapes or dtypes, a span that is not contiguous, crosses a document
+                or covers padding, a document split into several runs.
+        """
+        _check_2d_int("span_ids", span_ids)
+        attention_mask = _optional_companion("attention_mask", attention_mask, span_ids, allow_bool=True)
+        segment_ids = _optional_companion("segment_ids", segment_ids, span_ids, allow_bool=False)
+        batch, seq_len = span_ids.shape
+        device = span_ids.device
+        span = span_ids.to(torch.int64)
+        valid = torch.ones_like(span, dtype=torch.bool) if attention_mask is None else attention_mask != 0
+        seg = torch.zeros_like(span) if segment_ids is None else segment_ids.to(torch.int64)
+        in_span = span >= 0
+
+        doc_starts = _run_starts(seg, valid)
+        span_starts = _run_starts(span, in_span)
+        if validate and span.numel() > 0:
+            cls._validate_layout(span, valid, seg, in_span, doc_starts, span_starts)
+
+        positions = torch.arange(seq_len, device=device, dtype=torch.int64).expand(batch, seq_len)
+        doc_start = torch.where(doc_starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
+        span_ends = in_span.clone()
+        span_ends[:, :-1] &= ~(in_span[:, 1:] & (span[:, 1:] == span[:, :-1]))
+        big = torch.full_like(positions, seq_len)
+        span_end = torch.where(span_ends, positions + 1, big).flip(1).cummin(dim=1).values.flip(1)
+        kv_end = torch.where(in_span, span_end, positions + 1)
+        kv_start = torch.where(valid, doc_start, torch.zeros_like(doc_start))
+        kv_end = torch.where(valid, kv_end, torch.zeros_like(kv_end))
+        return cls(kv_start.to(torch.int32), kv_end.to(torch.int32), seq_len)
+
+    @staticmethod
+    def _validate_layout(
+        span: torch.Tensor,
+        valid: torch.Tensor,
+        seg: torch.Tensor,
+        in_span: torch.Tensor,
+        doc_starts: torch.Tensor,
+        span_starts: torch.Tensor,
+    ) -> None:
+        """Raise ValueError naming the argument if spans/documents/padding are malformed."""
+        span_on_pad = (in_span & ~valid).any(dim=1)
+        split_doc = _repeated_run_values(seg, doc_starts)
+        split_span = _repeated_run_values(span, span_starts)
+        continues_span = in_span[:, 1:] & (span[:, 1:] == span[:, :-1])
+        crosses_doc = (continues_span & (seg[:, 1:] != seg[:, :-1])).any(dim=1)
+        flags = torch.stack([span_on_pad, split_doc, split_span, crosses_doc])
+        if not bool(flags.any()):
+            return
+        if bool(span_on_pad.any()):
+            row = _first_bad_row(span_on_pad)
+            raise ValueError(
+                f"span_ids: row {row} has a span token at a padding position (attention_mask == 0)"
+            )
+        if bool(split_doc.any()):
+            row = _first_bad_row(split_doc)
+            raise ValueError(
+                f"segment_ids/attention_mask: in row {row} a document's valid tokens are not one contiguous "
+                "run (a document id reappears, or padding sits inside a document)"
+            )
+        if bool(split_span.any()):
+            row = _first_bad_row(split_span)
+            raise ValueError(f"span_ids: in row {row} a span id is used by tokens that are not contiguous")
+        row = _first_bad_row(crosses_doc)
+        raise ValueError(
+            f"span_ids: in row {row} a span crosses a document boundary (segment_ids change inside it)"
+        )
+
+    @classmethod
+    def from_image_mask(
+        cls,
+        image_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        validate: bool = True,
+    ) -> MixedMask:
+        """Mask where each maximal run of image tokens inside a document is one bidirectional span.
+
+        Args:
+            image_mask: bool [B, L] (or 0/1 integers), True at image tokens.
+            attention_mask, segment_ids, validate: as in :meth:`from_spans`.
+        """
+        if not isinstance(image_mask, torch.Tensor):
+            raise TypeError(f"image_mask must be a torch.Tensor, got {type(image_mask).__name__}")
+        if image_mask.dim() != 2:
+            raise ValueError(f"image_mask must have shape [batch, seq_len], got {tuple(image_mask.shape)}")
+        if image_mask.dtype.is_floating_point or image_mask.dtype.is_complex:
+            raise ValueError(f"image_mask must be a bool tensor, got dtype {image_mask.dtype}")
+        is_image = image_mask != 0
+        segment_ids = _optional_companion("segment_ids", segment_ids, image_mask, allow_bool=False)
+        seg = (
+            torch.zeros_like(is_image, dtype=torch.int64)
+            if segment_ids is None
+            else segment_ids.to(torch.int64)
+        )
+        starts = _run_starts(seg, is_image)
+        span_ids = torch.where(is_image, starts.cumsum(dim=1) - 1, torch.full_like(seg, -1))
+        return cls.from_spans(span_ids, attention_mask, segment_ids, validate=validate)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def batch_size(self) -> int:
+        return self.kv_start.shape[0]
+
+    @property
+    def num_queries(self) -> int:
+        return self.kv_start.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_start.device
+
+    def to(self, device: torch.device | str) -> MixedMask:
+        """A copy of the mask on ``device`` (the block-metadata cache is not carried over)."""
+        return MixedMask(self.kv_start.to(device), self.kv_end.to(device), self.num_keys)
+
+    def to_dense(self) -> torch.Tensor:
+        """bool [B, Lq, Lk]: ``True`` where query ``i`` may attend to key ``j``. O(L²) memory: tests only."""
+        keys = torch.arange(self.num_keys, device=self.device, dtype=torch.int32)
+        return (keys >= self.kv_start[..., None]) & (keys < self.kv_end[..., None])
+
+    def row_is_empty(self) -> torch.Tensor:
+        """bool [B, Lq]: queries that see no key (padding)."""
+        return self.kv_end <= self.kv_start
+
+    def block_metadata(self, block_q: int, block_k: int) -> BlockMetadata:
+        """Classify every (block_q × block_k) tile as empty, partial or full; cached per tiling.
+
+        Vectorised over tokens (no Python loop), so the cost is a few small kernels per batch; the
+        result is reused by every attention layer that gets this mask.
+        """
+        key = (int(block_q), int(block_k))
+        if key not in self._block_cache:
+            self._block_cache[key] = self._compute_block_metadata(*key)
+        return self._block_cache[key]
+
+    def _compute_block_metadata(self, block_q: int, block_k: int) -> BlockMetadata:
+        if block_q <= 0 or block_k <= 0:
+            raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
+        seq_q = self.kv_start.shape[1]
+        num_q_blocks = max(1, -(-seq_q // block_q))
+        num_k_blocks = max(1, -(-self.num_keys // block_k))
+        start = self.kv_start.to(torch.int64)
+        end = self.kv_end.to(torch.int64)
+        nonempty_row = end > start
+        # key blocks touched by each query: [start // bk, (end - 1) // bk]
+        touch_first = torch.where(nonempty_row, start // block_k, 1)
+        touch_last = torch.where(nonempty_row, (end - 1) // block_k, 0)
+        # key blocks fully covered by each query: block kb with kb*bk >= start and min((kb+1)*bk, Lk) <= end
+        full_first = -(-start // block_k)
+        last_block_end = num_k_blocks - 1
+        full_last = torch.where(end >= self.num_keys, last_block_end, end // block_k - 1)
+        full_last = torch.where(nonempty_row, full_last, -1)
+        touched = _tile_counts(touch_first, touch_last, num_q_blocks, num_k_blocks, block_q)
+        covered = _tile_counts(full_first, full_last, num_q_blocks, num_k_blocks, block_q)
+        rows_per_block = torch.full((num_q_blocks,), block_q, dtype=torch.int32, device=self.device)
+        if seq_q % block_q:
+            rows_per_block[-1] = seq_q % block_q
+        if seq_q == 0:
+            rows_per_block.zero_()
+        full = (covered == rows_per_block[None, :, None]) & (touched > 0)
+        kind = torch.where(touched > 0, TILE_PARTIAL, TILE_EMPTY)
+        kind = torch.where(full, TILE_FULL, kind).to(torch.int8)
+        nonempty = touched > 0
+        kv_blocks, kv_count = _compact_block_lists(nonempty)
+        q_blocks, q_count = _compact_block_lists(nonempty.transpose(1, 2))
+        return BlockMetadata(block_q, block_k, kind, kv_blocks, kv_count, q_blocks.contiguous(), q_count)
+
+    def __repr__(self) -> str:
+        return (
+            f"MixedMask(batch={self.batch_size}, num_queries={self.num_queries}, "
+            f"num_keys={self.num_keys}, device={self.device})"
+        )

@@ -1,0 +1,112 @@
+"""Build script for croc.
+
+The pure-Python package (``croc`` plus the Triton kernels shipped as ``croc.kernels``) always
+installs. The C++ assignment extension ``croc._C`` is built from ``csrc/*.cpp`` whenever torch is
+importable at build time; the CUDA sources ``csrc/*.cu`` are added only when torch is a CUDA build
+and ``nvcc`` is found. Nothing here probes for a GPU.
+
+Environment variables:
+    CROC_SKIP_CUDA_BUILD=1   never build the CUDA part
+    CROC_SKIP_EXT_BUILD=1    build no extension at all (croc then falls back to scipy)
+    CROC_CUDA_ARCHS          semicolon-separated compute capabilities, default "8.0;9.0"
+    MAX_JOBS                 parallel compile jobs (read by torch.utils.cpp_extension)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_toolkit_available() -> bool:
+    if _flag("CROC_SKIP_CUDA_BUILD"):
+        return False
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc"))
+
+
+def _extensions() -> tuple[list, dict]:
+    """Return (ext_modules, cmdclass) for the assignment extension, or nothing if it cannot build."""
+    if _flag("CROC_SKIP_EXT_BUILD"):
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("croc: torch is not importable at build time; building without the C++ extension")
+        return [], {}
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not cpp_sources:
+        return [], {}
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    if cuda_sources and _cuda_toolkit_available():
+        archs = os.environ.get("CROC_CUDA_ARCHS", "8.0;9.0")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        ext = CUDAExtension(
+            "croc._C",
+            cpp_sources + cuda_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=[("CROC_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_link_args=link_flags,
+        )
+    else:
+        ext = CppExtension(
+            "croc._C",
+            cpp_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+def _readme() -> str:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="croc",
+    version="0.1.0",
+    description="Fast Croc/ViCToR cross-modal pretraining: mixed-mask flash attention and batched "
+    "Hungarian assignment for LLaVA-style models",
+    long_description=_readme(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[*find_packages(include=["croc", "croc.*"]), "croc.kernels"],
+    package_dir={"croc": "croc", "croc.kernels": "kernels"},
+    package_data={"croc.train": ["configs/*.json"], "croc.data": ["assets/*"]},
+    install_requires=["torch>=2.6", "numpy", "scipy>=1.6"],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "train": [
+            "transformers>=4.50",
+            "accelerate>=1.0",
+            "tokenizers",
+            "pillow",
+            "matplotlib",
+            "tqdm",
+        ],
+        "deepspeed": ["deepspeed>=0.15"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "ruff"],
+        "bench": ["lapx", "matplotlib", "tqdm"],
+    },
+    entry_points={"console_scripts": ["croc=croc.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
