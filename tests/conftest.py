@@ -1,0 +1,21 @@
+"""Shared test set-up.
+
+Without CUDA, the Triton kernels run under the Triton interpreter: TRITON_INTERPRET must be set
+before croc (and so its kernels) is imported, which is why it happens here, first.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
