@@ -12,7 +12,7 @@ from croc.ops.reference_attention import reference_mixed_attention
 __all__ = ["mixed_attention"]
 
 _BACKENDS = ("auto", "triton", "reference")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: reference only
 
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MixedMask) -> None:
@@ -24,7 +24,9 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MixedMask
                 f"{name} must have shape [batch, heads, seq_len, head_dim], got {tuple(t.shape)}"
             )
         if t.dtype not in _DTYPES:
-            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+            raise ValueError(
+                f"{name} must be float32, float16 or bfloat16 (float64: reference), got {t.dtype}"
+            )
     if not isinstance(mask, MixedMask):
         raise TypeError(f"mask must be a croc.MixedMask, got {type(mask).__name__}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -71,7 +73,7 @@ def mixed_attention(
 
     Args:
         q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D] with ``Hq % Hkv == 0`` (SDPA layout; GQA/MQA).
-            float32, float16 or bfloat16, all one dtype and device.
+            float32, float16 or bfloat16 (float64 with the reference backend), one dtype and device.
         mask: MixedMask with ``kv_start``/``kv_end`` of shape [B, Lq] and ``num_keys == Lk``.
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"auto"`` (Triton for CUDA tensors, the reference elsewhere), ``"triton"`` or
@@ -83,6 +85,8 @@ def mixed_attention(
     _validate(q, k, v, mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     chosen = _resolve_backend(backend, q.device)
+    if chosen != "reference" and q.dtype == torch.float64:
+        raise ValueError("q/k/v: float64 is supported by backend='reference' only")
     if chosen == "triton":
         raise NotImplementedError("backend='triton': the Triton kernels are not built yet")
     return reference_mixed_attention(q, k, v, mask.kv_start, mask.kv_end, scale)

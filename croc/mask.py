@@ -107,26 +107,27 @@ def _first_bad_row(bad: torch.Tensor) -> int:
     return int(bad.nonzero()[0, 0])
 
 
-def _tile_counts(
-    first_block: torch.Tensor, last_block: torch.Tensor, num_q_blocks: int, num_k_blocks: int, block_q: int
-) -> torch.Tensor:
-    """int32 [B, nQ, nK]: how many queries of each query block cover each key block.
+def _query_block_bounds(
+    kv_start: torch.Tensor, kv_end: torch.Tensor, block_q: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query block: (min start, max start, min end, max end) over its non-empty rows, and
+    whether every row of the block is non-empty. int64 [B, nQ] each, bool [B, nQ] last.
 
-    Each query covers the contiguous key-block range ``[first_block, last_block]`` (empty if
-    ``last_block < first_block``); a difference array accumulates the ranges in O(L).
+    Empty rows are left out of the min/max (a block of only empty rows gets min > max).
     """
-    batch, seq_q = first_block.shape
-    diff = torch.zeros(batch, num_q_blocks, num_k_blocks + 1, dtype=torch.int32, device=first_block.device)
-    q_block = (torch.arange(seq_q, device=first_block.device) // block_q).expand(batch, seq_q)
-    nonempty = last_block >= first_block
-    ones = nonempty.to(torch.int32)
-    start_idx = torch.where(nonempty, first_block, 0).clamp(0, num_k_blocks)
-    stop_idx = torch.where(nonempty, last_block + 1, 0).clamp(0, num_k_blocks)
-    flat = diff.view(batch, -1)
-    row_base = q_block * (num_k_blocks + 1)
-    flat.scatter_add_(1, (row_base + start_idx).long(), ones)
-    flat.scatter_add_(1, (row_base + stop_idx).long(), -ones)
-    return diff.cumsum(dim=2, dtype=torch.int32)[:, :, :num_k_blocks]
+    batch, seq_q = kv_start.shape
+    num_blocks = max(1, -(-seq_q // block_q))
+    tail = num_blocks * block_q - seq_q
+    big = torch.iinfo(torch.int32).max
+    start, end = kv_start.to(torch.int64), kv_end.to(torch.int64)
+    empty = end <= start
+    pad = lambda t, value: torch.nn.functional.pad(t, (0, tail), value=value).view(batch, num_blocks, block_q)  # noqa: E731
+    start_lo = pad(torch.where(empty, big, start), big).amin(dim=2)
+    start_hi = pad(torch.where(empty, -big, start), -big).amax(dim=2)
+    end_lo = pad(torch.where(empty, big, end), big).amin(dim=2)
+    end_hi = pad(torch.where(empty, -big, end), -big).amax(dim=2)
+    all_rows_nonempty = ~pad(empty, False).any(dim=2)
+    return start_lo, end_lo, start_hi, end_hi, all_rows_nonempty
 
 
 def _compact_block_lists(nonempty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,35 +361,30 @@ class MixedMask:
         return self._block_cache[key]
 
     def _compute_block_metadata(self, block_q: int, block_k: int) -> BlockMetadata:
+        """Classify tiles from block min/max of the intervals.
+
+        A tile (query block qb, key block kb covering keys [k0, k1)) is
+        - FULL when every row of qb is non-empty and max(start) <= k0 and min(end) >= k1: exact;
+        - EMPTY when no non-empty row's interval can reach it: max(end) <= k0 or min(start) >= k1;
+        - PARTIAL otherwise. This is conservative: a tile that lies in a gap between the rows'
+          intervals is kept as partial (the kernel's per-element mask makes it correct).
+        """
         if block_q <= 0 or block_k <= 0:
             raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
-        seq_q = self.kv_start.shape[1]
-        num_q_blocks = max(1, -(-seq_q // block_q))
         num_k_blocks = max(1, -(-self.num_keys // block_k))
-        start = self.kv_start.to(torch.int64)
-        end = self.kv_end.to(torch.int64)
-        nonempty_row = end > start
-        # key blocks touched by each query: [start // bk, (end - 1) // bk]
-        touch_first = torch.where(nonempty_row, start // block_k, 1)
-        touch_last = torch.where(nonempty_row, (end - 1) // block_k, 0)
-        # key blocks fully covered by each query: block kb with kb*bk >= start and min((kb+1)*bk, Lk) <= end
-        full_first = -(-start // block_k)
-        last_block_end = num_k_blocks - 1
-        full_last = torch.where(end >= self.num_keys, last_block_end, end // block_k - 1)
-        full_last = torch.where(nonempty_row, full_last, -1)
-        touched = _tile_counts(touch_first, touch_last, num_q_blocks, num_k_blocks, block_q)
-        covered = _tile_counts(full_first, full_last, num_q_blocks, num_k_blocks, block_q)
-        rows_per_block = torch.full((num_q_blocks,), block_q, dtype=torch.int32, device=self.device)
-        if seq_q % block_q:
-            rows_per_block[-1] = seq_q % block_q
-        if seq_q == 0:
-            rows_per_block.zero_()
-        full = (covered == rows_per_block[None, :, None]) & (touched > 0)
-        kind = torch.where(touched > 0, TILE_PARTIAL, TILE_EMPTY)
-        kind = torch.where(full, TILE_FULL, kind).to(torch.int8)
-        nonempty = touched > 0
-        kv_blocks, kv_count = _compact_block_lists(nonempty)
-        q_blocks, q_count = _compact_block_lists(nonempty.transpose(1, 2))
+        start_lo, end_lo, start_hi, end_hi, all_rows_nonempty = _query_block_bounds(
+            self.kv_start, self.kv_end, block_q
+        )
+        key_lo = torch.arange(num_k_blocks, device=self.device, dtype=torch.int64) * block_k
+        key_hi = (key_lo + block_k).clamp_max(self.num_keys)
+        reaches = (end_hi[..., None] > key_lo) & (start_lo[..., None] < key_hi)
+        covers = (
+            all_rows_nonempty[..., None] & (start_hi[..., None] <= key_lo) & (end_lo[..., None] >= key_hi)
+        )
+        kind = torch.where(reaches, TILE_PARTIAL, TILE_EMPTY)
+        kind = torch.where(reaches & covers, TILE_FULL, kind).to(torch.int8)
+        kv_blocks, kv_count = _compact_block_lists(reaches)
+        q_blocks, q_count = _compact_block_lists(reaches.transpose(1, 2))
         return BlockMetadata(block_q, block_k, kind, kv_blocks, kv_count, q_blocks.contiguous(), q_count)
 
     def __repr__(self) -> str:

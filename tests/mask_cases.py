@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,7 @@ def random_row(
     cuts = sorted({randint(1, used - 1) for _ in range(num_docs - 1)}) if used > 1 else []
     bounds = [0, *cuts, used]
     next_span = 0
-    for d, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for d, (a, b) in enumerate(itertools.pairwise(bounds)):
         for pos in range(a, b):
             seg[offset + pos] = d
         for _ in range(randint(0, max_spans)):
