@@ -19,7 +19,7 @@ if [ ! -x "$PY" ]; then
 fi
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
-pip_install "setuptools>=64" wheel
+pip_install "setuptools>=64" wheel numpy
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing torch==2.13.0"
   pip_install "torch==2.13.0"
