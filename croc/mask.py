@@ -49,6 +49,12 @@ class BlockMetadata:
         q_blocks: int32 [B, nK, nQ]; for key block ``kb`` its non-empty query blocks, ascending
             (the column view, used by the backward's dK/dV pass).
         q_block_count: int32 [B, nK].
+        kv_blocks_partial_first: int32 [B, nQ, nK]; the same key blocks as ``kv_blocks`` but the
+            PARTIAL ones first (ascending), then the FULL ones (ascending); the kernels run one
+            masked loop over the first ``kv_partial_count`` entries and one unmasked loop over the rest.
+        kv_partial_count: int32 [B, nQ].
+        q_blocks_partial_first: int32 [B, nK, nQ]; the column view of the same, for the dK/dV pass.
+        q_partial_count: int32 [B, nK].
     """
 
     block_q: int
@@ -58,6 +64,10 @@ class BlockMetadata:
     kv_block_count: torch.Tensor
     q_blocks: torch.Tensor
     q_block_count: torch.Tensor
+    kv_blocks_partial_first: torch.Tensor
+    kv_partial_count: torch.Tensor
+    q_blocks_partial_first: torch.Tensor
+    q_partial_count: torch.Tensor
 
 
 def _check_2d_int(name: str, t: torch.Tensor) -> None:
@@ -139,6 +149,18 @@ def _compact_block_lists(nonempty: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     count = nonempty.sum(dim=-1, dtype=torch.int32)
     ids = torch.where(ordered < n, ordered, torch.zeros_like(ordered))
     return ids.to(torch.int32), count
+
+
+def _partial_first_lists(nonempty: torch.Tensor, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For bool [..., n] (``partial`` implies ``nonempty``): indices of the partial entries
+    (ascending), then of the other non-empty ones (ascending), then 0 padding, as int32; and the
+    number of partial entries, int32 [...]."""
+    n = nonempty.shape[-1]
+    positions = torch.arange(n, device=nonempty.device, dtype=torch.int32)
+    group = torch.where(partial, 0, torch.where(nonempty, 1, 2)).to(torch.int32)
+    ordered = (group * n + positions).sort(dim=-1).values
+    ids = torch.where(ordered < 2 * n, ordered % n, torch.zeros_like(ordered))
+    return ids.contiguous(), partial.sum(dim=-1, dtype=torch.int32)
 
 
 class MixedMask:
@@ -385,7 +407,13 @@ class MixedMask:
         kind = torch.where(reaches & covers, TILE_FULL, kind).to(torch.int8)
         kv_blocks, kv_count = _compact_block_lists(reaches)
         q_blocks, q_count = _compact_block_lists(reaches.transpose(1, 2))
-        return BlockMetadata(block_q, block_k, kind, kv_blocks, kv_count, q_blocks.contiguous(), q_count)
+        partial = kind == TILE_PARTIAL
+        kv_first, kv_partial = _partial_first_lists(reaches, partial)
+        q_first, q_partial = _partial_first_lists(reaches.transpose(1, 2), partial.transpose(1, 2))
+        return BlockMetadata(
+            block_q, block_k, kind, kv_blocks, kv_count, q_blocks.contiguous(), q_count,
+            kv_first, kv_partial, q_first, q_partial,
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return (
