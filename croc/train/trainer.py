@@ -1,0 +1,45 @@
+"""The transformers Trainer for croc: logs ``lm_loss`` and ``recon_loss`` next to ``loss``."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer
+
+__all__ = ["LOSS_PARTS", "CrocTrainer"]
+
+LOSS_PARTS = ("lm_loss", "recon_loss")
+
+
+class CrocTrainer(Trainer):
+    """A ``transformers.Trainer`` whose model returns ``loss`` plus the parts ``lm_loss``/``recon_loss``.
+
+    Each logged ``loss`` comes with the mean of every part over the same steps (averaged over
+    processes), so a log line reads ``{"loss", "lm_loss", "recon_loss", ...}``. A part the model
+    does not return (e.g. ``recon_loss`` outside the Croc stage) is not logged. Everything else
+    (checkpoints, ``resume_from_checkpoint``, DeepSpeed, progress bars) is the stock Trainer's.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # the model's loss is a per-batch mean; let the Trainer divide it by the accumulation steps
+        self.model_accepts_loss_kwargs = False
+        self._part_sums: dict[str, torch.Tensor] = {}
+        self._part_counts: dict[str, int] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if model.training:
+            for name in LOSS_PARTS:
+                value = getattr(outputs, name, None)
+                if value is not None:
+                    self._part_sums[name] = self._part_sums.get(name, 0) + value.detach().float()
+                    self._part_counts[name] = self._part_counts.get(name, 0) + 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._part_sums:
+            for name, total in self._part_sums.items():
+                mean = total / self._part_counts[name]
+                logs[name] = round(float(self._nested_gather(mean.reshape(1)).mean()), 4)
+            self._part_sums, self._part_counts = {}, {}
+        super().log(logs, start_time)
