@@ -1,0 +1,44 @@
+"""CPU smoke runs of the benchmark scripts (``--quick``), so that they never rot."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(script: str, out: Path, *extra: str) -> list[dict]:
+    cmd = [sys.executable, str(BENCH / script), "--quick", "--out", str(out), *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    csvs = sorted(out.glob("*.csv"))
+    assert csvs, f"{script} wrote no CSV"
+    with open(csvs[0], encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_attention_quick(tmp_path):
+    rows = _run("attention.py", tmp_path)
+    assert (tmp_path / "attention_cpu.png").exists()
+    providers = {r["provider"] for r in rows}
+    assert {"croc-reference", "sdpa-dense", "flex-eager"} <= providers
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == len(rows), [r["status"] for r in rows if r["status"] != "ok"]
+    for row in ok:
+        assert float(row["ms"]) > 0 and int(row["visible_pairs"]) > 0
+        assert row["device"] and row["commit"] and row["torch"]
+
+
+@pytest.mark.parametrize("kind", ["croc", "prefix"])
+def test_layouts_are_valid_masks(kind):
+    sys.path.insert(0, str(BENCH))
+    import layouts
+
+    mask = layouts.build_mask(2, 3000, kind, "cpu")
+    dense = mask.to_dense()
+    image_query = 100  # inside the first sample's image span (prompts are < 64 tokens)
+    assert dense[0, image_query, image_query + 1], "image/prefix tokens see later tokens of their span"
+    assert layouts.visible_pairs(mask) == int(dense.sum())
