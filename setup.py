@@ -103,7 +103,9 @@ setup(
             "tqdm",
         ],
         "deepspeed": ["deepspeed>=0.15"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "ruff"],
+        # numpy<2.4: triton 3.6's interpreter turns loop bounds into ints in a way numpy 2.4 rejects
+        # (triton-lang/triton#9171, fixed after 3.6)
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "ruff", "numpy<2.4"],
         "bench": ["lapx", "matplotlib", "tqdm"],
     },
     entry_points={"console_scripts": ["croc=croc.cli:main"]},
