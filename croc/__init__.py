@@ -5,7 +5,15 @@ Importing croc needs neither a GPU nor transformers/DeepSpeed.
 
 from croc.attention import mixed_attention
 from croc.mask import BlockMetadata, MixedMask
+from croc.pool import PromptTokenPool, random_replace_mask
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockMetadata", "MixedMask", "__version__", "mixed_attention"]
+__all__ = [
+    "BlockMetadata",
+    "MixedMask",
+    "PromptTokenPool",
+    "__version__",
+    "mixed_attention",
+    "random_replace_mask",
+]

@@ -1,0 +1,195 @@
+"""The learnable prompt token pool of Croc and the random choice of the tokens it replaces.
+
+``pool = PromptTokenPool(num_tokens=2048, dim=4096)`` holds ``pool.tokens`` [num_tokens, dim].
+``new_tokens, cols = pool(tokens, replace_mask)`` replaces the selected visual tokens of every
+image by pool tokens, assigned one-to-one by the Hungarian algorithm on the L2 distance between
+the L2-normalised selected tokens and the pool tokens (or each to its nearest pool token). The
+whole batch is handled at once; the assignment runs under ``torch.no_grad`` (it is not
+differentiated) and the gradient reaches the pool through the gathered replacement tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment as _scipy_linear_sum_assignment
+from torch import nn
+
+__all__ = ["PromptTokenPool", "random_replace_mask"]
+
+_INITS = ("normal", "normalized")
+_ASSIGNMENTS = ("hungarian", "nearest")
+
+
+def random_replace_mask(
+    batch: int,
+    num_tokens: int,
+    ratio: float = 0.75,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Pick ``round(ratio * num_tokens)`` tokens of every row uniformly at random.
+
+    Args:
+        batch, num_tokens: the shape of the result.
+        ratio: fraction to pick, in [0, 1] (Python ``round`` decides the count: 0.75 * 576 -> 432).
+        generator: optional torch.Generator on ``device`` for reproducible picks.
+        device: where the mask lives.
+
+    Returns:
+        bool [batch, num_tokens] with exactly ``round(ratio * num_tokens)`` True in every row.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise ValueError(f"batch must be a non-negative int, got {batch!r}")
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        raise ValueError(f"num_tokens must be a non-negative int, got {num_tokens!r}")
+    if not 0.0 <= float(ratio) <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio!r}")
+    count = round(float(ratio) * num_tokens)
+    noise = torch.rand(batch, num_tokens, generator=generator, device=device)
+    picked = noise.argsort(dim=1)[:, :count]
+    mask = torch.zeros(batch, num_tokens, dtype=torch.bool, device=noise.device)
+    return mask.scatter_(1, picked, True)
+
+
+def _assign_one_to_one(cost: torch.Tensor) -> torch.Tensor:
+    """int64 [B, n]: the column given to each row of float cost [B, n, m] (n <= m), minimum total.
+
+    Uses ``croc.linear_sum_assignment`` when the package provides it, scipy otherwise.
+    """
+    import croc
+
+    if cost.shape[0] == 0 or cost.shape[1] == 0:
+        return torch.zeros(cost.shape[:2], dtype=torch.int64, device=cost.device)
+    if hasattr(croc, "linear_sum_assignment"):
+        return croc.linear_sum_assignment(cost)
+    host = cost.detach().to("cpu", torch.float64).numpy()
+    cols = np.stack([_scipy_linear_sum_assignment(one)[1] for one in host])
+    return torch.from_numpy(cols).to(device=cost.device, dtype=torch.int64)
+
+
+def _check_inputs(tokens: torch.Tensor, replace_mask: torch.Tensor, dim: int) -> None:
+    if not isinstance(tokens, torch.Tensor) or not tokens.is_floating_point():
+        raise TypeError(f"tokens must be a floating-point torch.Tensor, got {type(tokens).__name__}")
+    if tokens.dim() != 3 or tokens.shape[2] != dim:
+        raise ValueError(f"tokens must have shape [batch, num_tokens, {dim}], got {tuple(tokens.shape)}")
+    if not isinstance(replace_mask, torch.Tensor) or replace_mask.dtype != torch.bool:
+        raise TypeError("replace_mask must be a bool torch.Tensor")
+    if tuple(replace_mask.shape) != tuple(tokens.shape[:2]):
+        raise ValueError(
+            f"replace_mask must have shape {tuple(tokens.shape[:2])}, got {tuple(replace_mask.shape)}"
+        )
+    if replace_mask.device != tokens.device:
+        raise ValueError(f"replace_mask is on {replace_mask.device} but tokens are on {tokens.device}")
+
+
+class PromptTokenPool(nn.Module):
+    """Learnable pool of prompt tokens that stand in for a fraction of the visual tokens.
+
+    Args:
+        num_tokens: pool size M (2048 in the paper).
+        dim: token width D (the LLM hidden size).
+        init: ``"normal"`` (standard normal entries, the paper) or ``"normalized"`` (normal rows
+            scaled to unit L2 norm). Costs use the pool tokens as stored.
+        assignment: ``"hungarian"`` (one-to-one, minimum total distance per image; needs
+            ``num_replaced <= num_tokens``) or ``"nearest"`` (each token takes its nearest pool token,
+            as the released code does; not one-to-one).
+
+    Attributes:
+        tokens: nn.Parameter [num_tokens, dim].
+    """
+
+    def __init__(
+        self, num_tokens: int = 2048, dim: int = 4096, init: str = "normal", assignment: str = "hungarian"
+    ) -> None:
+        super().__init__()
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        if assignment not in _ASSIGNMENTS:
+            raise ValueError(f"assignment must be one of {_ASSIGNMENTS}, got {assignment!r}")
+        if num_tokens <= 0 or dim <= 0:
+            raise ValueError(f"num_tokens and dim must be positive, got {num_tokens} and {dim}")
+        self.init = init
+        self.assignment = assignment
+        self.tokens = nn.Parameter(torch.empty(num_tokens, dim))
+        self.reset_parameters()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.tokens.shape[1]
+
+    def reset_parameters(self) -> None:
+        """Re-draw the pool tokens with the configured ``init``."""
+        with torch.no_grad():
+            self.tokens.normal_()
+            if self.init == "normalized":
+                self.tokens.copy_(F.normalize(self.tokens, dim=-1))
+
+    def cost(self, selected: torch.Tensor) -> torch.Tensor:
+        """float32 [B, n, M]: L2 distance of the normalised ``selected`` [B, n, D] tokens to each pool token."""
+        query = F.normalize(selected.detach().float(), dim=-1)
+        pool = self.tokens.detach().float()
+        squared = query.pow(2).sum(-1, keepdim=True) + pool.pow(2).sum(-1) - 2.0 * query @ pool.T
+        return squared.clamp_min(0.0).sqrt()
+
+    def assign(self, selected: torch.Tensor) -> torch.Tensor:
+        """int64 [B, n]: the pool token given to each of the ``selected`` [B, n, D] tokens (not differentiated)."""
+        with torch.no_grad():
+            cost = self.cost(selected)
+            if self.assignment == "nearest":
+                return cost.argmin(dim=-1)
+            return _assign_one_to_one(cost)
+
+    def forward(
+        self, tokens: torch.Tensor, replace_mask: torch.Tensor, num_replaced: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace the selected tokens of every row by their assigned pool tokens.
+
+        Args:
+            tokens: float [B, N, D] visual tokens (any float dtype; the output keeps it).
+            replace_mask: bool [B, N], True at the tokens to replace; every row must select the
+                same number n of tokens (as :func:`random_replace_mask` does).
+            num_replaced: n, if known (e.g. ``round(ratio * N)``). Passing it avoids reading n from
+                the mask, which costs one device-to-host sync and checks that all rows agree.
+
+        Returns:
+            new_tokens: [B, N, D] in ``tokens.dtype``; unselected tokens unchanged, selected ones
+                equal to ``self.tokens[cols]``, with the gradient flowing into ``self.tokens``
+                (and into ``tokens`` at the unselected positions).
+            cols: int64 [B, N]; the pool index given to each selected token, -1 elsewhere.
+        """
+        _check_inputs(tokens, replace_mask, self.dim)
+        batch, length, dim = tokens.shape
+        count = self._count(replace_mask) if num_replaced is None else int(num_replaced)
+        if self.assignment == "hungarian" and count > self.num_tokens:
+            raise ValueError(
+                f"hungarian assignment needs at most num_tokens={self.num_tokens} replaced tokens per row, "
+                f"got {count}"
+            )
+        positions = (~replace_mask).to(torch.int8).argsort(dim=1, stable=True)[:, :count]  # [B, n]
+        gather_index = positions.unsqueeze(-1).expand(batch, count, dim)
+        chosen = self.assign(tokens.gather(1, gather_index))  # [B, n]
+        replacement = self.tokens.index_select(0, chosen.reshape(-1)).view(batch, count, dim)
+        new_tokens = tokens.scatter(1, gather_index, replacement.to(tokens.dtype))
+        cols = torch.full((batch, length), -1, dtype=torch.int64, device=tokens.device)
+        return new_tokens, cols.scatter(1, positions, chosen)
+
+    @staticmethod
+    def _count(replace_mask: torch.Tensor) -> int:
+        counts = replace_mask.sum(dim=1)
+        if counts.numel() == 0:
+            return 0
+        if bool((counts != counts[0]).any()):
+            raise ValueError(
+                "replace_mask must select the same number of tokens in every row, got counts "
+                f"{counts.tolist()}"
+            )
+        return int(counts[0])
+
+    def extra_repr(self) -> str:
+        return f"num_tokens={self.num_tokens}, dim={self.dim}, init={self.init!r}, assignment={self.assignment!r}"
