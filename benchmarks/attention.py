@@ -217,13 +217,9 @@ def _measure(mode, attn, q, k, v, scale, device, pairs, head_dim, heads_q, args)
 
 def plot(rows: list[dict], path: Path) -> Path | None:
     """TFLOP/s against L per provider: one panel per (mask, mode), first head config only."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     ok = [r for r in rows if r.get("status") == "ok"]
-    if not ok:
+    if not ok or plt is None:
         return None
     first = (ok[0]["head_dim"], ok[0]["heads_q"], ok[0]["heads_kv"])
     ok = [r for r in ok if (r["head_dim"], r["heads_q"], r["heads_kv"]) == first]
@@ -319,7 +315,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    from tqdm import tqdm
+    tqdm = common.progress_bar()
 
     if not args.device.startswith("cuda"):
         print(
@@ -330,10 +326,10 @@ def main(argv=None) -> list[dict]:
         (L, d, h, m) for m in args.masks for h in args.heads for d in args.head_dims for L in args.lengths
     ]
     rows = []
+    stem = f"attention_{'gpu' if args.device.startswith('cuda') else 'cpu'}{args.tag}"
     for length, head_dim, heads, kind in tqdm(cases, desc="attention", unit="case"):
         rows += [env | r for r in bench_case(args, args.device, length, head_dim, heads, kind)]
-    stem = f"attention_{'gpu' if args.device.startswith('cuda') else 'cpu'}{args.tag}"
-    csv_path = common.write_csv(args.out / f"{stem}.csv", rows)
+        csv_path = common.write_csv(args.out / f"{stem}.csv", rows)  # after every case: nothing lost
     png_path = plot(rows, args.out / f"{stem}.png")
     print(f"wrote {csv_path}" + (f" and {png_path}" if png_path else ""))
     table = summary(rows)

@@ -114,3 +114,24 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for r in cells:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def progress_bar():
+    """tqdm when installed, else a pass-through (the GPU machines need nothing beyond torch)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return lambda iterable, **kwargs: iterable
+    return tqdm
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The one command a GPU run needs (DESIGN.md section 6):
+#
+#     bash benchmarks/gpu_check.sh OUTDIR        # OUTDIR defaults to benchmarks/results
+#
+# On a fresh Linux machine with a CUDA GPU and python3 carrying torch, triton and nvcc (no
+# internet), it builds the assignment extension in place for this card, runs the GPU tests, runs
+# the three benchmarks on a reduced grid, writes CSVs/PNGs and one log into OUTDIR and prints a
+# short summary table last. Every step has its own time limit so the whole run stays under
+# 8 minutes; a failing step is reported and the next one still runs.
+#
+# Needs only torch, triton, numpy, scipy and transformers (pytest, matplotlib and tqdm are used
+# when present: without pytest the GPU tests are reported as not run, without matplotlib no PNGs).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=$(mkdir -p "${1:-benchmarks/results}" && cd "${1:-benchmarks/results}" && pwd)
+PY=${PYTHON:-python3}
+LOG="$OUT/gpu_check.log"
+: >"$LOG"
+STATUS="$OUT/gpu_check_status.txt"
+: >"$STATUS"
+T0=$(date +%s)
+
+step() {  # step NAME TIMEOUT_S COMMAND...: run, log, record the outcome
+  local name=$1 limit=$2
+  shift 2
+  local t=$(date +%s)
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  local verdict=ok
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && verdict=timeout
+  [ $rc -ne 0 ] && [ "$verdict" = ok ] && verdict="failed (rc=$rc)"
+  printf '%-22s %-16s %4ss\n' "$name" "$verdict" "$(($(date +%s) - t))" | tee -a "$STATUS" "$LOG"
+}
+
+{
+  echo "gpu_check on $(hostname) at $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+} | tee -a "$LOG"
+
+ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
+export CROC_CUDA_ARCHS="$ARCH" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+step build 150 "$PY" -m pip install -e . --no-build-isolation --no-deps
+
+if "$PY" -c "import pytest" >/dev/null 2>&1; then
+  step gpu-tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+else
+  echo "pytest is not installed: GPU tests not run" | tee -a "$LOG" "$STATUS"
+fi
+
+step bench-attention 130 "$PY" benchmarks/attention.py --out "$OUT" --lengths 4096 8192 \
+  --head-dims 128 --heads 32/32 --masks croc --warmup 2 --reps 5
+step bench-assignment 40 "$PY" benchmarks/assignment.py --out "$OUT" --device cuda
+step bench-train-step 50 "$PY" benchmarks/train_step.py --out "$OUT" --device cuda
+
+echo "=== summary (total $(($(date +%s) - T0))s)" | tee -a "$LOG"
+cat "$STATUS"
+"$PY" benchmarks/summarize.py "$OUT" | tee -a "$LOG"
