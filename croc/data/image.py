@@ -49,6 +49,6 @@ def load_image(path: str | Path) -> Image.Image:
 def preprocess(image: Image.Image, image_processor, pad_to_square: bool = True) -> torch.Tensor:
     """float32 [3, S, S] pixel values for the vision tower."""
     if pad_to_square:
-        mean = tuple(int(round(255 * m)) for m in image_processor.image_mean)
+        mean = tuple(round(255 * m) for m in image_processor.image_mean)
         image = expand_to_square(image, mean)
     return image_processor(image, return_tensors="pt")["pixel_values"][0]

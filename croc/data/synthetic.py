@@ -54,6 +54,7 @@ POSITIONS = (
 COUNT_WORDS = ("zero", "one", "two", "three")
 MAX_OBJECTS = 3
 BACKGROUND = (235, 235, 235)
+KINDS = ("caption", "instruct", "eval")
 CAPTION_PROMPTS = ("describe the image in detail .", "what is in the image ?")
 
 
@@ -114,7 +115,10 @@ def caption_for(scene: SyntheticScene) -> str:
 
 
 def qa_pairs_for(scene: SyntheticScene, rng: random.Random) -> list[tuple[str, str]]:
-    """Two simple questions with one-word answers, both answerable only from the image."""
+    """Four simple questions with one-word answers, all answerable only from the image.
+
+    The count, then the colour, shape and size of one object chosen with ``rng``.
+    """
     n = len(scene.objects)
     target = rng.choice(scene.objects)
     questions = [
@@ -123,7 +127,7 @@ def qa_pairs_for(scene: SyntheticScene, rng: random.Random) -> list[tuple[str, s
         (f"what shape is {_position_phrase(target.cell)} ?", target.shape),
         (f"what size is the shape {_position_phrase(target.cell)} ?", target.size),
     ]
-    return rng.sample(questions, 2)
+    return questions
 
 
 def _record(idx: int, scene: SyntheticScene, rng: random.Random, kind: str) -> dict:
@@ -134,9 +138,12 @@ def _record(idx: int, scene: SyntheticScene, rng: random.Random, kind: str) -> d
             {"from": "gpt", "value": caption_for(scene)},
         ]
     else:
-        turns = [(rng.choice(CAPTION_PROMPTS), caption_for(scene))] if rng.random() < 0.5 else []
-        turns += qa_pairs_for(scene, rng)
-        rng.shuffle(turns)
+        if kind == "eval":
+            turns = [(CAPTION_PROMPTS[0], caption_for(scene)), *qa_pairs_for(scene, rng)]
+        else:
+            turns = [(rng.choice(CAPTION_PROMPTS), caption_for(scene))] if rng.random() < 0.5 else []
+            turns += rng.sample(qa_pairs_for(scene, rng), 2)
+            rng.shuffle(turns)
         conversations = []
         for i, (question, answer) in enumerate(turns):
             value = f"<image>\n{question}" if i == 0 else question
@@ -150,13 +157,14 @@ def write_synthetic_dataset(
     """Write ``num_samples`` images and a LLaVA JSON file ``data.json`` into ``out_dir``.
 
     Args:
-        kind: "caption" (one plain-template caption per image, for stages 1 and 1.5) or "instruct"
-            (chat turns: a detailed description half of the time, and two questions).
+        kind: "caption" (one plain-template caption per image, for stages 1 and 1.5), "instruct"
+            (chat turns: a detailed description half of the time, and two questions) or "eval"
+            (held-out truth: the description request first, then all four questions).
     Returns:
         The path of the JSON file. The same (num_samples, seed, kind) always gives the same files.
     """
-    if kind not in ("caption", "instruct"):
-        raise ValueError(f"kind must be 'caption' or 'instruct', got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)

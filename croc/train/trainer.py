@@ -40,6 +40,6 @@ class CrocTrainer(Trainer):
         if "loss" in logs and self._part_sums:
             for name, total in self._part_sums.items():
                 mean = total / self._part_counts[name]
-                logs[name] = round(float(self._nested_gather(mean.reshape(1)).mean()), 4)
+                logs[name] = round(float(self.accelerator.gather(mean.reshape(1)).mean()), 4)
             self._part_sums, self._part_counts = {}, {}
         super().log(logs, start_time)

@@ -1,0 +1,173 @@
+"""``croc train``: one stage of the Croc recipe on LLaVA JSON data with the transformers Trainer.
+
+Every ``TrainingArguments`` flag works as usual (``--output_dir``, ``--bf16``,
+``--gradient_checkpointing``, ``--resume_from_checkpoint``, ``--deepspeed``, ...); ``--deepspeed
+zero2`` / ``zero3`` name the configs shipped in ``croc/train/configs``. Launch on many GPUs with
+``torchrun`` or ``deepspeed`` as any transformers script.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+
+from croc.data import LlavaCollator, LlavaJsonDataset, build_image_processor
+from croc.train.stages import STAGES, apply_stage, trainable_summary
+from croc.train.trainer import CrocTrainer
+
+__all__ = [
+    "CrocArguments",
+    "build_dataset",
+    "deepspeed_config_path",
+    "main",
+    "num_image_tokens",
+    "train_stage",
+]
+
+logger = logging.getLogger(__name__)
+SHIPPED_DEEPSPEED = ("zero2", "zero3")
+
+
+@dataclass
+class CrocArguments:
+    """The croc options of ``croc train`` (the rest are ``TrainingArguments``)."""
+
+    stage: str = field(metadata={"help": f"which stage to train: one of {STAGES}"})
+    model_name_or_path: str = field(
+        metadata={"help": "local CrocLlava/LLaVA checkpoint folder to start from"}
+    )
+    data_path: str = field(metadata={"help": "LLaVA JSON file (list of {id, image, conversations})"})
+    image_folder: str = field(metadata={"help": "folder the records' image paths are relative to"})
+    template: str | None = field(
+        default=None,
+        metadata={"help": "plain | vicuna (default: plain for projector/croc, vicuna for finetune)"},
+    )
+    max_length: int = field(default=2048, metadata={"help": "longest sample (and packed row) in tokens"})
+    packing: bool | None = field(
+        default=None, metadata={"help": "pack samples into rows (default: on for croc)"}
+    )
+    on_error: str = field(
+        default="raise", metadata={"help": "bad records: raise (stop) or skip (log and count)"}
+    )
+    verify_images: bool = field(default=False, metadata={"help": "decode every image before training"})
+    attn_implementation: str = field(
+        default="croc_mixed", metadata={"help": "text-model attention: croc_mixed (needed by croc) or sdpa"}
+    )
+
+
+def deepspeed_config_path(name_or_path: str) -> str:
+    """Path of a DeepSpeed JSON config: "zero2"/"zero3" are the ones shipped with croc."""
+    if name_or_path in SHIPPED_DEEPSPEED:
+        return str(resources.files("croc.train") / "configs" / f"{name_or_path}.json")
+    if not Path(name_or_path).is_file():
+        raise ValueError(f"deepspeed must be one of {SHIPPED_DEEPSPEED} or a JSON file, got {name_or_path!r}")
+    return name_or_path
+
+
+def num_image_tokens(config) -> int:
+    """Visual tokens per image that the LLaVA ``config`` feeds the LLM (CLS dropped unless "full")."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def build_dataset(args: CrocArguments, tokenizer, image_processor, config) -> LlavaJsonDataset:
+    template = args.template or ("vicuna" if args.stage == "finetune" else "plain")
+    return LlavaJsonDataset(
+        args.data_path,
+        args.image_folder,
+        tokenizer,
+        image_processor,
+        template,
+        image_token_id=config.image_token_id,
+        num_image_tokens=num_image_tokens(config),
+        max_length=args.max_length,
+        on_error=args.on_error,
+        verify_images=args.verify_images,
+    )
+
+
+def train_stage(
+    model,
+    stage: str,
+    train_dataset,
+    collator: LlavaCollator,
+    training_args: TrainingArguments,
+    tokenizer=None,
+    callbacks: list | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+    progress: ProgressCallback | None = None,
+) -> CrocTrainer:
+    """Switch ``model`` to ``stage`` and train it; returns the Trainer (its ``state.log_history``).
+
+    ``progress`` replaces the Trainer's default progress-bar callback.
+    """
+    apply_stage(model, stage)
+    logger.info("stage %s: %s", stage, trainable_summary(model))
+    training_args.remove_unused_columns = (
+        False  # pixel_values, segment_ids, position_ids must reach the model
+    )
+    trainer = CrocTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    if progress is not None:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(progress)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return trainer
+
+
+def _load(args: CrocArguments, training_args: TrainingArguments):
+    from croc.model import CrocLlavaForConditionalGeneration
+
+    dtype = torch.bfloat16 if training_args.bf16 else None
+    model = CrocLlavaForConditionalGeneration.from_pretrained(
+        args.model_name_or_path, dtype=dtype, attn_implementation=args.attn_implementation
+    )
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+    except OSError:
+        image_processor = build_image_processor(model.config.vision_config.image_size)
+    return model, tokenizer, image_processor
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``croc train``: parse, load, build the data, train, save model + processors."""
+    parser = HfArgumentParser((CrocArguments, TrainingArguments))
+    args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if args.stage not in STAGES:
+        parser.error(f"--stage must be one of {STAGES}, got {args.stage!r}")
+    if training_args.deepspeed:
+        training_args.deepspeed = deepspeed_config_path(training_args.deepspeed)
+    model, tokenizer, image_processor = _load(args, training_args)
+    dataset = build_dataset(args, tokenizer, image_processor, model.config)
+    packing = args.stage == "croc" if args.packing is None else args.packing
+    collator = LlavaCollator(tokenizer.pad_token_id, packing=packing, max_length=args.max_length)
+    trainer = train_stage(
+        model,
+        args.stage,
+        dataset,
+        collator,
+        training_args,
+        tokenizer=tokenizer,
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+    )
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        image_processor.save_pretrained(training_args.output_dir)
+        if dataset.skipped:
+            logger.warning(
+                "%d records were skipped (on_error='skip'): %s", len(dataset.skipped), dataset.skipped
+            )
