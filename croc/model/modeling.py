@@ -1,0 +1,315 @@
+"""``CrocLlavaForConditionalGeneration``: transformers' LLaVA with the three Croc training stages.
+
+The text model always runs the ``"croc_mixed"`` attention (equal to ``"sdpa"`` without a
+``croc_mask``); the vision tower keeps its own attention. What a forward does depends on
+``config.stage`` (switch with :meth:`CrocLlavaForConditionalGeneration.set_stage`):
+
+- ``"projector"`` / ``"finetune"``: plain causal LLaVA (packed rows kept apart by ``segment_ids``).
+- ``"croc"``: with ``labels`` (training or evaluation of the Croc objective), a random
+  ``replace_ratio`` of every image's visual tokens (the projector outputs) is replaced through
+  the prompt pool; the LLM attends with the mixed mask (image spans, or the prompt prefix,
+  bidirectional; text causal); the reconstruction head maps the last hidden states at the image
+  positions to predictions of the L2-normalised original visual tokens (projector outputs,
+  detached). ``loss = lm_loss + recon_loss_weight * recon_loss``. Without ``labels`` (generation)
+  nothing is replaced: the prefill uses the mixed mask, decoding steps are causal over the cache.
+
+Inputs follow LLaVA: ``input_ids`` hold ``config.image_token_id`` once per visual token
+(``image_seq_length`` per image), ``pixel_values`` [I, 3, H, W] hold the I images in the order
+their tokens appear (row-major over the batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import LlavaForConditionalGeneration
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+import croc.integrations.transformers as croc_transformers
+from croc.mask import MixedMask
+from croc.model.config import STAGES, CrocLlavaConfig
+from croc.model.losses import IGNORE_INDEX, ReconstructionHead, causal_lm_loss, reconstruction_loss
+from croc.pool import PromptTokenPool, random_replace_mask
+
+__all__ = ["CrocLlavaForConditionalGeneration", "CrocLlavaOutput", "prefix_span_ids"]
+
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class CrocLlavaOutput(CausalLMOutputWithPast):
+    """Causal LM output (``loss``, ``logits`` [B, L', V], the KV cache, ``hidden_states``,
+    ``attentions`` as in transformers) plus:
+
+    Attributes:
+        lm_loss: float32 scalar, next-token cross entropy (None without labels).
+        recon_loss: float32 scalar, unweighted SmoothL1 reconstruction loss (stage "croc" with
+            labels and images; None otherwise). ``loss = lm_loss + recon_loss_weight * recon_loss``.
+        pool_cols: int64 [I, T], the pool token that replaced each visual token, -1 where kept
+            (stage "croc" with labels and images; None otherwise).
+    """
+
+    lm_loss: torch.Tensor | None = None
+    recon_loss: torch.Tensor | None = None
+    pool_cols: torch.Tensor | None = None
+
+
+def _segment_cumsum(values: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """int64 [B, L]: inclusive running sum of ``values`` restarted where ``segment_ids`` changes."""
+    total = values.to(torch.int64).cumsum(dim=1)
+    if segment_ids is None:
+        return total
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    before = total - values.to(torch.int64)
+    offset = torch.where(starts, before, torch.zeros_like(before)).cummax(dim=1).values
+    return total - offset
+
+
+def prefix_span_ids(
+    attention_mask: torch.Tensor,
+    segment_ids: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    image_mask: torch.Tensor,
+) -> torch.Tensor:
+    """int64 [B, L] span ids of the "prefix" mask: one bidirectional span per document.
+
+    With labels the prefix of a document is its valid tokens before its first supervised token
+    (label != -100); without labels (generation) it runs through the document's last image token.
+    """
+    valid = attention_mask != 0
+    if labels is not None:
+        inside = _segment_cumsum(labels != IGNORE_INDEX, segment_ids) == 0
+    else:
+        flip_seg = None if segment_ids is None else segment_ids.flip(1)
+        inside = _segment_cumsum(image_mask.flip(1), flip_seg).flip(1) > 0
+    seg = torch.zeros_like(valid, dtype=torch.int64) if segment_ids is None else segment_ids.to(torch.int64)
+    return torch.where(valid & inside, seg, torch.full_like(seg, -1))
+
+
+class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """LLaVA with a prompt token pool, a reconstruction head and the Croc stages.
+
+    Construct from a :class:`CrocLlavaConfig`, or load any local LLaVA checkpoint with
+    ``CrocLlavaForConditionalGeneration.from_pretrained(path, stage="croc", ...)`` (Croc fields
+    as keyword arguments; the pool and head are initialised fresh when the checkpoint lacks them).
+
+    Attributes:
+        prompt_pool: :class:`croc.PromptTokenPool` [prompt_pool_size, text hidden].
+        reconstruction_head: :class:`ReconstructionHead` text hidden -> text hidden.
+    """
+
+    config_class = CrocLlavaConfig
+    config: CrocLlavaConfig
+
+    def __init__(self, config: CrocLlavaConfig) -> None:
+        super().__init__(config)
+        hidden = config.text_config.hidden_size
+        self.prompt_pool = PromptTokenPool(
+            config.prompt_pool_size, hidden, init=config.pool_init, assignment=config.assignment
+        )
+        self.reconstruction_head = ReconstructionHead(hidden, hidden, config.image_seq_length)
+        self.post_init()
+        self.set_attn_implementation({"text_config": croc_transformers.ATTN_IMPLEMENTATION})
+        self.set_stage(config.stage)
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        if isinstance(module, PromptTokenPool):
+            if not getattr(module.tokens, "_is_hf_initialized", False):
+                module.reset_parameters()
+            return
+        super()._init_weights(module)
+
+    # ------------------------------------------------------------------ stages
+    def set_stage(self, stage: str) -> None:
+        """Switch the training stage and set which parameters train (``requires_grad``).
+
+        ``"projector"``: the projector only. ``"croc"``: projector, LLM (with ``lm_head``), prompt
+        pool and reconstruction head. ``"finetune"``: projector and LLM. The vision tower never trains.
+        """
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.config.stage = stage
+        training = {
+            "projector": (self.model.multi_modal_projector,),
+            "croc": (
+                self.model.multi_modal_projector,
+                self.model.language_model,
+                self.lm_head,
+                self.prompt_pool,
+                self.reconstruction_head,
+            ),
+            "finetune": (self.model.multi_modal_projector, self.model.language_model, self.lm_head),
+        }[stage]
+        self.requires_grad_(False)
+        for module in training:
+            module.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the current stage trains (``requires_grad``), for the optimizer."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ pieces
+    def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projector outputs [I, T, text hidden] of images ``pixel_values`` [I, 3, H, W]."""
+        vision = self.model.vision_tower
+        out = vision(pixel_values.to(vision.dtype), output_hidden_states=True)
+        layer = self.config.vision_feature_layer
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        features = [out.hidden_states[i] for i in layers]
+        if self.config.vision_feature_select_strategy == "default":
+            features = [f[:, 1:] for f in features]
+        return self.model.multi_modal_projector(torch.cat(features, dim=-1))
+
+    def _image_positions(self, image_mask: torch.Tensor, count: int) -> torch.Tensor:
+        """int64 [count]: flat indices of the image tokens of ``image_mask`` [B, L], in order."""
+        flat = image_mask.reshape(-1)
+        if self.config.validate_masks and int(flat.sum()) != count:
+            raise ValueError(
+                f"input_ids hold {int(flat.sum())} image tokens but pixel_values give {count} visual tokens"
+            )
+        return (~flat).to(torch.int8).argsort(stable=True)[:count]
+
+    def _croc_mask(
+        self,
+        image_mask: torch.Tensor,
+        attention_mask: torch.Tensor,
+        segment_ids: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        mixed: bool,
+    ) -> MixedMask:
+        validate = bool(self.config.validate_masks)
+        if not mixed:
+            causal = torch.full_like(image_mask, -1, dtype=torch.int64)
+            return MixedMask.from_spans(causal, attention_mask, segment_ids, validate=validate)
+        if self.config.mask_kind == "image":
+            return MixedMask.from_image_mask(image_mask, attention_mask, segment_ids, validate=validate)
+        spans = prefix_span_ids(attention_mask, segment_ids, labels, image_mask)
+        return MixedMask.from_spans(spans, attention_mask, segment_ids, validate=validate)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        replace_mask: torch.Tensor | None = None,
+        croc_mask: MixedMask | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> CrocLlavaOutput:
+        """One step of the current stage.
+
+        Args:
+            input_ids: int64 [B, L] with ``image_token_id`` at the visual tokens.
+            attention_mask: optional int/bool [B, L(+cache)], 0 at padding (left or right).
+            pixel_values: optional float [I, 3, H, W], one image per run of image tokens.
+            labels: optional int64 [B, L], -100 where nothing is predicted (shifted inside).
+            segment_ids: optional int [B, L] packed-document ids (pass ``position_ids`` restarting
+                at every document too); documents never see each other and no target crosses them.
+            position_ids: optional int64 [B, L].
+            inputs_embeds: optional float [B, L, H] instead of ``input_ids`` (then no images).
+            replace_mask: optional bool [I, T] choosing the replaced tokens (stage "croc" with
+                labels); default a fresh :func:`croc.random_replace_mask` with ``replace_ratio``.
+            croc_mask: optional MixedMask [B, L] overriding the mask the stage would build.
+            logits_to_keep: compute logits of the last N positions only (0 = all; needs 0 with labels).
+            **kwargs: passed to the text model (``past_key_values``/``cache``, ``use_cache``,
+                ``output_hidden_states``, ...); ``num_items_in_batch`` goes to the LM loss.
+
+        Returns:
+            :class:`CrocLlavaOutput` with ``loss``, ``lm_loss``, ``recon_loss``, ``logits``, ...
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if pixel_values is not None and input_ids is None:
+            raise ValueError("pixel_values need input_ids (image token positions)")
+        if labels is not None and logits_to_keep:
+            raise ValueError("logits_to_keep must be 0 when labels are given")
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        croc_objective = self.config.stage == "croc" and labels is not None and pixel_values is not None
+        pool_cols = image_hidden_index = original = None
+        if pixel_values is not None:
+            visual = self.visual_tokens(pixel_values)
+            num_images, per_image, hidden = visual.shape
+            image_mask = input_ids == self.config.image_token_id
+            image_hidden_index = self._image_positions(image_mask, num_images * per_image)
+            if croc_objective:
+                original = visual
+                visual, pool_cols = self._replace(visual, replace_mask)
+            flat = inputs_embeds.reshape(-1, hidden).index_copy(
+                0, image_hidden_index, visual.reshape(-1, hidden)
+            )
+            inputs_embeds = flat.view_as(inputs_embeds)
+            mixed = self.config.stage == "croc"
+            if croc_mask is None and (mixed or segment_ids is not None):
+                if attention_mask is None:
+                    attention_mask = torch.ones_like(input_ids)
+                croc_mask = self._croc_mask(image_mask, attention_mask, segment_ids, labels, mixed)
+        elif croc_mask is None and segment_ids is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones(
+                    inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
+                )
+            no_images = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+            croc_mask = self._croc_mask(no_images, attention_mask, segment_ids, labels, mixed=False)
+        if croc_mask is not None:
+            kwargs["croc_mask"] = croc_mask
+        lm_out = self.model.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            croc_backend=self.config.attention_backend,
+            **kwargs,
+        )
+        hidden_states = lm_out.last_hidden_state
+        kept = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        logits = self.lm_head(kept)
+        lm_loss = recon_loss = loss = None
+        if labels is not None:
+            lm_loss = causal_lm_loss(logits, labels, segment_ids, num_items_in_batch)
+            loss = lm_loss
+        if croc_objective:
+            image_hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(
+                0, image_hidden_index
+            )
+            prediction = self.reconstruction_head(image_hidden.view(num_images, per_image, -1))
+            recon_loss = reconstruction_loss(prediction, original, self.config.recon_beta)
+            loss = lm_loss + self.config.recon_loss_weight * recon_loss
+        fields = {
+            "loss": loss,
+            "logits": logits,
+            _CACHE_FIELD: getattr(lm_out, _CACHE_FIELD, None),
+            "hidden_states": lm_out.hidden_states,
+            "attentions": lm_out.attentions,
+        }
+        return CrocLlavaOutput(**fields, lm_loss=lm_loss, recon_loss=recon_loss, pool_cols=pool_cols)
+
+    def _replace(
+        self, visual: torch.Tensor, replace_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visual tokens [I, T, H] with the chosen ones replaced through the pool, and the pool columns."""
+        num_images, per_image, _ = visual.shape
+        if replace_mask is not None:
+            return self.prompt_pool(visual, replace_mask)
+        count = round(float(self.config.replace_ratio) * per_image)
+        chosen = random_replace_mask(num_images, per_image, self.config.replace_ratio, device=visual.device)
+        return self.prompt_pool(visual, chosen, num_replaced=count)
+
+
+# Checkpoints keep LLaVA's key layout: loading a LLaVA checkpoint (and saving ours) applies the
+# same key renamings as LlavaForConditionalGeneration does.
+register_checkpoint_conversion_mapping(
+    CrocLlavaForConditionalGeneration.__name__, get_checkpoint_conversion_mapping("llava"), overwrite=True
+)
