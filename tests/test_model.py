@@ -1,0 +1,323 @@
+"""croc.model: the three stages of CrocLlavaForConditionalGeneration on tiny random models (CPU)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from mask_cases import dense_rule
+from scipy.optimize import linear_sum_assignment
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from croc.model import (
+    TINY_IMAGE_TOKEN_ID,
+    CrocLlavaConfig,
+    CrocLlavaForConditionalGeneration,
+    prefix_span_ids,
+    tiny_config,
+)
+
+IMAGE_TOKENS = 16  # tiny_config: 16x16 images, patch 4
+
+
+def _model(text_model="llama", **overrides):
+    torch.manual_seed(0)
+    return CrocLlavaForConditionalGeneration(tiny_config(text_model, **overrides))
+
+
+def _batch(seed=0, length=24, image_starts=(2, 4), prompt_end=20):
+    """Two rows, one image each (at ``image_starts``), captions supervised from ``prompt_end`` on."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 256, (2, length), generator=gen)
+    for row, start in enumerate(image_starts):
+        ids[row, start : start + IMAGE_TOKENS] = TINY_IMAGE_TOKEN_ID
+    labels = ids.clone()
+    labels[:, :prompt_end] = -100
+    pixel_values = torch.randn(2, 3, 16, 16, generator=gen)
+    return ids, torch.ones_like(ids), pixel_values, labels
+
+
+def test_text_model_runs_croc_mixed_and_vision_keeps_its_attention():
+    model = _model("qwen2")
+    assert model.config.text_config._attn_implementation == "croc_mixed"
+    assert model.config.vision_config._attn_implementation != "croc_mixed"
+    text = model.config.text_config
+    assert text.num_key_value_heads < text.num_attention_heads  # the Qwen2 option is GQA
+
+
+@pytest.mark.parametrize("text_model", ["llama", "qwen2"])
+def test_croc_stage_gradients_reach_pool_projector_llm_and_head(text_model):
+    model = _model(text_model, stage="croc")
+    out = model(*_batch())
+    assert out.loss is not None and out.lm_loss is not None and out.recon_loss is not None
+    out.loss.backward()
+    for name in (
+        "prompt_pool.tokens",
+        "model.multi_modal_projector.linear_1.weight",
+        "model.language_model.layers.0.self_attn.q_proj.weight",
+        "model.language_model.layers.1.mlp.down_proj.weight",
+        "lm_head.weight",
+        "reconstruction_head.output.weight",
+    ):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and float(grad.abs().sum()) > 0, name
+    assert all(p.grad is None for p in model.model.vision_tower.parameters())
+    used = out.pool_cols[out.pool_cols >= 0].unique()
+    unused = torch.ones(model.prompt_pool.num_tokens, dtype=torch.bool)
+    unused[used] = False
+    assert bool((model.prompt_pool.tokens.grad[unused] == 0).all())
+
+
+@pytest.mark.parametrize(
+    ("stage", "trains", "frozen"),
+    [
+        ("projector", ["model.multi_modal_projector"], ["model.language_model", "lm_head", "prompt_pool"]),
+        (
+            "croc",
+            ["model.multi_modal_projector", "model.language_model", "prompt_pool", "reconstruction_head"],
+            [],
+        ),
+        ("finetune", ["model.multi_modal_projector", "model.language_model", "lm_head"], ["prompt_pool"]),
+    ],
+)
+def test_set_stage_decides_which_parameters_train(stage, trains, frozen):
+    model = _model()
+    model.set_stage(stage)
+    assert model.config.stage == stage
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {id(p) for p in model.trainable_parameters()} == {
+        id(p) for n, p in model.named_parameters() if n in trainable
+    }
+    for prefix in trains:
+        assert any(name.startswith(prefix) for name in trainable), prefix
+    for prefix in [*frozen, "model.vision_tower"]:
+        assert not any(name.startswith(prefix) for name in trainable), prefix
+    with pytest.raises(ValueError, match="stage must be one of"):
+        model.set_stage("pretrain")
+
+
+def test_replaced_tokens_are_one_to_one_pool_tokens():
+    model = _model(stage="croc", replace_ratio=0.75)
+    ids, attention_mask, pixel_values, labels = _batch()
+    seen = {}
+    model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"].detach()), with_kwargs=True
+    )
+    out = model(ids, attention_mask, pixel_values, labels)
+    cols = out.pool_cols
+    assert cols.shape == (2, IMAGE_TOKENS)
+    assert (cols >= 0).sum(1).tolist() == [12, 12]
+    image_embeds = seen["embeds"][ids == TINY_IMAGE_TOKEN_ID].view(2, IMAGE_TOKENS, -1)
+    visual = model.visual_tokens(pixel_values).detach()
+    for row in range(2):
+        replaced = cols[row] >= 0
+        assert cols[row][replaced].unique().numel() == int(replaced.sum())
+        torch.testing.assert_close(
+            image_embeds[row][replaced], model.prompt_pool.tokens.detach()[cols[row][replaced]]
+        )
+        torch.testing.assert_close(image_embeds[row][~replaced], visual[row][~replaced])
+
+
+def _smooth_l1(prediction, target, beta):
+    diff = (prediction - target).abs()
+    return torch.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta).mean()
+
+
+@pytest.mark.parametrize("mask_kind", ["image", "prefix"])
+def test_loss_matches_a_hand_written_reference(mask_kind):
+    model = _model(stage="croc", mask_kind=mask_kind)
+    ids, attention_mask, pixel_values, labels = _batch(seed=3)
+    attention_mask[1, -2:] = 0
+    labels[1, -2:] = -100
+    replace_mask = torch.zeros(2, IMAGE_TOKENS, dtype=torch.bool)
+    replace_mask[0, ::2] = True
+    replace_mask[1, 1::2] = True
+    out = model(ids, attention_mask, pixel_values, labels, replace_mask=replace_mask)
+
+    with torch.no_grad():
+        vision = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-1][:, 1:]
+        visual = model.model.multi_modal_projector(vision)
+        pool = model.prompt_pool.tokens
+        inputs = visual.clone()
+        for row in range(2):
+            chosen = F.normalize(visual[row][replace_mask[row]], dim=-1)
+            cost = torch.cdist(chosen.double(), pool.double()).numpy()
+            _, cols = linear_sum_assignment(cost)
+            inputs[row][replace_mask[row]] = pool[torch.from_numpy(np.asarray(cols))]
+        embeds = model.get_input_embeddings()(ids)
+        embeds[ids == TINY_IMAGE_TOKEN_ID] = inputs.reshape(-1, inputs.shape[-1])
+        if mask_kind == "image":
+            span_ids = torch.where(ids == TINY_IMAGE_TOKEN_ID, 0, -1)
+        else:
+            span_ids = torch.full_like(ids, -1)
+            span_ids[:, :20] = 0  # the prompt before the first supervised token
+        dense = dense_rule(span_ids, attention_mask)
+        dense |= torch.eye(ids.shape[1], dtype=torch.bool) & ~attention_mask.bool()[:, :, None]
+        hidden = model.model.language_model(
+            inputs_embeds=embeds, attention_mask=dense[:, None]
+        ).last_hidden_state
+        logits = model.lm_head(hidden)
+        targets = labels[:, 1:]
+        picked = targets != -100
+        lm_loss = F.cross_entropy(logits[:, :-1][picked], targets[picked])
+        image_hidden = hidden[ids == TINY_IMAGE_TOKEN_ID].view(2, IMAGE_TOKENS, -1)
+        prediction = model.reconstruction_head(image_hidden)
+        target = visual / visual.norm(dim=-1, keepdim=True)
+        recon_loss = _smooth_l1(prediction, target, 0.01)
+
+    torch.testing.assert_close(out.lm_loss, lm_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.recon_loss, recon_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, lm_loss + 10.0 * recon_loss, atol=1e-5, rtol=1e-5)
+    valid = attention_mask.bool()
+    torch.testing.assert_close(out.logits[valid], logits[valid], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["projector", "finetune"])
+def test_causal_stages_equal_plain_llava(stage):
+    model = _model(stage=stage)
+    config = model.config
+    plain = LlavaForConditionalGeneration(
+        LlavaConfig(
+            vision_config=config.vision_config.to_dict(),
+            text_config=config.text_config.to_dict(),
+            image_token_id=TINY_IMAGE_TOKEN_ID,
+            image_seq_length=IMAGE_TOKENS,
+            vision_feature_layer=-1,
+        )
+    )
+    plain.load_state_dict(model.state_dict(), strict=False)
+    plain.set_attn_implementation("sdpa")
+    ids, attention_mask, pixel_values, labels = _batch(seed=4)
+    attention_mask[0, :3] = 0
+    labels[0, :3] = -100
+    out = model(ids, attention_mask, pixel_values, labels)
+    expected = plain(input_ids=ids, attention_mask=attention_mask, pixel_values=pixel_values, labels=labels)
+    assert out.recon_loss is None and out.pool_cols is None
+    torch.testing.assert_close(out.lm_loss, expected.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["projector", "croc"])
+def test_packed_rows_equal_separate_rows(stage):
+    model = _model(stage=stage)
+    first, _, pixels, first_labels = _batch(seed=5, length=20, image_starts=(1, 1), prompt_end=18)
+    second, _, _, second_labels = _batch(seed=6, length=22, image_starts=(2, 2), prompt_end=19)
+    packed_ids = torch.cat([first[:1], second[:1]], dim=1)
+    packed_labels = torch.cat([first_labels[:1], second_labels[:1]], dim=1)
+    segment_ids = torch.cat(
+        [torch.zeros(1, 20, dtype=torch.long), torch.ones(1, 22, dtype=torch.long)], dim=1
+    )
+    position_ids = torch.cat([torch.arange(20), torch.arange(22)])[None]
+    replace_mask = torch.zeros(2, IMAGE_TOKENS, dtype=torch.bool)
+    replace_mask[:, :12] = True
+    extra = {"replace_mask": replace_mask} if stage == "croc" else {}
+    packed = model(
+        packed_ids, None, pixels, packed_labels, segment_ids=segment_ids, position_ids=position_ids, **extra
+    )
+    alone_first = model(first[:1], None, pixels[:1], first_labels[:1], **_first_row(extra))
+    alone_second = model(second[:1], None, pixels[1:], second_labels[:1], **_first_row(extra))
+    torch.testing.assert_close(packed.logits[:, :20], alone_first.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.logits[:, 20:], alone_second.logits, atol=1e-5, rtol=1e-5)
+    targets = [(first_labels[:1, 1:] != -100).sum(), (second_labels[:1, 1:] != -100).sum()]
+    weighted = (alone_first.lm_loss * targets[0] + alone_second.lm_loss * targets[1]) / sum(targets)
+    torch.testing.assert_close(packed.lm_loss, weighted, atol=1e-5, rtol=1e-5)
+
+
+def _first_row(extra):
+    return {key: value[:1] for key, value in extra.items()}
+
+
+def test_prefix_span_ids_per_document():
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]])
+    segment_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, 5, 6, -100, -100, 7, -100, -100]])
+    image = torch.zeros_like(attention_mask, dtype=torch.bool)
+    spans = prefix_span_ids(attention_mask, segment_ids, labels, image)
+    assert spans.tolist() == [[0, -1, -1, 1, 1, -1, -1, -1]]
+    image[0, 4] = True
+    spans = prefix_span_ids(attention_mask, segment_ids, None, image)
+    assert spans.tolist() == [[-1, -1, -1, 1, 1, -1, -1, -1]]
+
+
+@pytest.mark.parametrize(
+    ("text_model", "mask_kind"), [("llama", "image"), ("qwen2", "image"), ("llama", "prefix")]
+)
+def test_generate_with_and_without_cache_gives_the_same_tokens(text_model, mask_kind):
+    model = _model(text_model, stage="croc", mask_kind=mask_kind).eval()
+    ids, attention_mask, pixel_values, _ = _batch(seed=7, length=21)
+    attention_mask[0, :2] = 0  # left padding
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        max_new_tokens=6,
+        do_sample=False,
+        suppress_tokens=[TINY_IMAGE_TOKEN_ID],
+    )
+    cached = model.generate(**kwargs)
+    uncached = model.generate(**kwargs, use_cache=False)
+    assert cached.shape == (2, 27)
+    assert torch.equal(cached, uncached)
+
+
+def test_from_pretrained_llava_checkpoint_and_save_load_round_trip(tmp_path):
+    config = tiny_config()
+    torch.manual_seed(1)
+    llava = LlavaForConditionalGeneration(
+        LlavaConfig(
+            vision_config=config.vision_config.to_dict(),
+            text_config=config.text_config.to_dict(),
+            image_token_id=TINY_IMAGE_TOKEN_ID,
+            image_seq_length=IMAGE_TOKENS,
+            vision_feature_layer=-1,
+        )
+    ).eval()
+    llava.save_pretrained(tmp_path / "llava")
+    model = CrocLlavaForConditionalGeneration.from_pretrained(
+        tmp_path / "llava", stage="finetune", prompt_pool_size=32, mask_kind="prefix"
+    ).eval()
+    assert isinstance(model.config, CrocLlavaConfig)
+    assert (model.config.stage, model.config.prompt_pool_size, model.config.mask_kind) == (
+        "finetune",
+        32,
+        "prefix",
+    )
+    assert model.config.text_config._attn_implementation == "croc_mixed"
+    assert (
+        torch.isfinite(model.prompt_pool.tokens).all() and 0.8 < model.prompt_pool.tokens.std().item() < 1.2
+    )
+    ids, attention_mask, pixel_values, _ = _batch(seed=8)
+    with torch.no_grad():
+        expected = llava(input_ids=ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+        got = model(ids, attention_mask, pixel_values).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    model.set_stage("croc")
+    model.save_pretrained(tmp_path / "croc")
+    loaded = CrocLlavaForConditionalGeneration.from_pretrained(tmp_path / "croc")
+    assert (loaded.config.stage, loaded.config.mask_kind) == ("croc", "prefix")
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[key], loaded_state[key]) for key in state)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"stage": "pretrain"}, "stage"),
+        ({"mask_kind": "causal"}, "mask_kind"),
+        ({"assignment": "auction"}, "assignment"),
+        ({"replace_ratio": 1.5}, "replace_ratio"),
+        ({"attention_backend": "cuda"}, "attention_backend"),
+    ],
+)
+def test_config_rejects_bad_fields(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**overrides)
+
+
+def test_image_token_count_mismatch_is_a_clear_error():
+    model = _model(stage="croc")
+    ids, attention_mask, pixel_values, labels = _batch()
+    ids[0, 2] = 50
+    with pytest.raises(ValueError, match="image tokens"):
+        model(ids, attention_mask, pixel_values, labels)
