@@ -223,8 +223,9 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 labels); default a fresh :func:`croc.random_replace_mask` with ``replace_ratio``.
             croc_mask: optional MixedMask [B, L] overriding the mask the stage would build.
             logits_to_keep: compute logits of the last N positions only (0 = all; needs 0 with labels).
-            **kwargs: passed to the text model (``past_key_values``/``cache``, ``use_cache``,
-                ``output_hidden_states``, ...); ``num_items_in_batch`` goes to the LM loss.
+            **kwargs: passed to the text model (``past_key_values``/``cache``, ``use_cache`` (default
+                False when labels are given), ``output_hidden_states``, ...); ``num_items_in_batch``
+                goes to the LM loss.
 
         Returns:
             :class:`CrocLlavaOutput` with ``loss``, ``lm_loss``, ``recon_loss``, ``logits``, ...
@@ -236,6 +237,8 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if labels is not None and logits_to_keep:
             raise ValueError("logits_to_keep must be 0 when labels are given")
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if labels is not None:
+            kwargs.setdefault("use_cache", False)  # no KV cache to build while training
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         croc_objective = self.config.stage == "croc" and labels is not None and pixel_values is not None

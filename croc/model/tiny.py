@@ -23,7 +23,8 @@ def tiny_config(
     """A CrocLlavaConfig small enough for CPU tests: CLIP 16x16 images, 16 visual tokens, 2+2 layers.
 
     Args:
-        text_model: ``"llama"`` (4 heads, 4 KV heads) or ``"qwen2"`` (4 heads, 2 KV heads: GQA).
+        text_model: ``"llama"`` (4 heads, 4 KV heads) or ``"qwen2"`` (4 heads, 2 KV heads: GQA);
+            hidden size 64 and head_dim 64 (a head size the Triton kernels support).
         text_overrides, vision_overrides: fields of the text / CLIP vision configs to change.
         **overrides: CrocLlavaConfig fields (``stage``, ``mask_kind``, ``prompt_pool_size``, ...).
 
@@ -49,6 +50,7 @@ def tiny_config(
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2 if text_model == "qwen2" else 4,
+        head_dim=64,
         vocab_size=256,
         max_position_embeddings=512,
         pad_token_id=0,
