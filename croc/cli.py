@@ -1,44 +1,50 @@
-"""Command line: ``croc demo``."""
+"""Command line: ``croc demo`` and ``croc train``.
+
+    croc demo [--quick] [--out runs/demo]     the three stages on the embedded synthetic default
+    croc train --stage ... [TrainingArguments flags]   one stage on LLaVA JSON data (see ``croc train -h``)
+"""
 
 from __future__ import annotations
 
 import argparse
-import time
-
-import torch
-
-import croc
+import os
+import sys
 
 
-def _attention_showcase() -> None:
-    """Until the training pipeline lands, the demo shows the mask and the attention on the CPU."""
-    print("croc demo: mixed mask + reference attention showcase (the training demo is not built yet)")
-    image = torch.zeros(2, 24, dtype=torch.bool)
-    image[0, 3:11] = True
-    image[1, 5:9] = True
-    image[1, 14:20] = True
-    attention_mask = torch.ones(2, 24, dtype=torch.long)
-    attention_mask[1, 22:] = 0
-    mask = croc.MixedMask.from_image_mask(image, attention_mask)
-    print("row 0 (image at 3..10), dense mask:")
-    for row in mask.to_dense()[0].int().tolist():
-        print("   " + "".join("x" if v else "." for v in row))
-    q, k, v = (torch.randn(2, 4, 24, 32) for _ in range(3))
-    t0 = time.perf_counter()
-    out = croc.mixed_attention(q, k, v, mask)
+def _demo(args: argparse.Namespace) -> None:
+    from croc.train.demo import run_demo
+
+    metrics = run_demo(args.out, quick=args.quick)
+    ev = metrics["eval"]
     print(
-        f"mixed_attention out {tuple(out.shape)} in {1e3 * (time.perf_counter() - t0):.2f} ms; "
-        f"padding rows are zero: {bool(out[1, :, 22:].eq(0).all())}"
+        f"croc demo: caption token accuracy {ev['caption_token_accuracy']:.3f} "
+        f"(blind, noise images: {ev['blind_caption_token_accuracy']:.3f}), QA accuracy {ev['qa_accuracy']:.3f}"
     )
+    print(f"croc demo: wrote {args.out}/metrics.json, loss.png, samples.md")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="croc", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="croc", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the demo on the embedded synthetic default")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        _attention_showcase()
+    demo = sub.add_parser("demo", help="train the three stages on the embedded synthetic default")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        default=os.environ.get("CROC_DEMO_QUICK", "0") == "1",
+        help="a few steps per stage (smoke test, also CROC_DEMO_QUICK=1)",
+    )
+    sub.add_parser("train", help="train one stage (projector | croc | finetune); see croc train -h", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        from croc.train.run import main as train_main
+
+        train_main(rest)
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    _demo(args)
 
 
 if __name__ == "__main__":

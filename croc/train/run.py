@@ -56,9 +56,28 @@ class CrocArguments:
         default="raise", metadata={"help": "bad records: raise (stop) or skip (log and count)"}
     )
     verify_images: bool = field(default=False, metadata={"help": "decode every image before training"})
-    attn_implementation: str = field(
-        default="croc_mixed", metadata={"help": "text-model attention: croc_mixed (needed by croc) or sdpa"}
+    replace_ratio: float | None = field(
+        default=None, metadata={"help": "croc: fraction of visual tokens replaced by pool tokens (0.75)"}
     )
+    mask_kind: str | None = field(
+        default=None, metadata={"help": "croc: bidirectional 'image' spans (paper) or the whole 'prefix'"}
+    )
+    assignment: str | None = field(
+        default=None, metadata={"help": "croc: pool assignment 'hungarian' (one-to-one) or 'nearest'"}
+    )
+    prompt_pool_size: int | None = field(
+        default=None, metadata={"help": "croc: pool tokens (2048); only when the pool is created fresh"}
+    )
+    recon_loss_weight: float | None = field(default=None, metadata={"help": "croc: weight of recon_loss (10)"})
+    attention_backend: str | None = field(
+        default=None, metadata={"help": "mixed attention backend: auto (Triton on CUDA) | triton | reference"}
+    )
+
+    def config_overrides(self) -> dict:
+        """The Croc config fields given on the command line (others keep the checkpoint's values)."""
+        names = ("replace_ratio", "mask_kind", "assignment", "prompt_pool_size", "recon_loss_weight")
+        values = {name: getattr(self, name) for name in (*names, "attention_backend")}
+        return {name: value for name, value in values.items() if value is not None}
 
 
 def deepspeed_config_path(name_or_path: str) -> str:
@@ -133,7 +152,7 @@ def _load(args: CrocArguments, training_args: TrainingArguments):
 
     dtype = torch.bfloat16 if training_args.bf16 else None
     model = CrocLlavaForConditionalGeneration.from_pretrained(
-        args.model_name_or_path, dtype=dtype, attn_implementation=args.attn_implementation
+        args.model_name_or_path, dtype=dtype, stage=args.stage, **args.config_overrides()
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     try:
@@ -145,7 +164,7 @@ def _load(args: CrocArguments, training_args: TrainingArguments):
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``croc train``: parse, load, build the data, train, save model + processors."""
-    parser = HfArgumentParser((CrocArguments, TrainingArguments))
+    parser = HfArgumentParser((CrocArguments, TrainingArguments), prog="croc train")
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if args.stage not in STAGES:
         parser.error(f"--stage must be one of {STAGES}, got {args.stage!r}")

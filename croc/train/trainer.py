@@ -36,6 +36,20 @@ class CrocTrainer(Trainer):
                     self._part_counts[name] = self._part_counts.get(name, 0) + 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load the weights of a checkpoint to resume from, with the model's own key conversion.
+
+        transformers 5 saves LLaVA models under the original LLaVA key names and converts them
+        back in ``from_pretrained``; the stock resume loads the file as a raw state dict and so
+        misses every key. DeepSpeed and FSDP checkpoints keep the stock path.
+        """
+        model = self.model if model is None else model
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not hasattr(model, "from_pretrained"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        first = next(model.parameters())
+        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=first.dtype)
+        model.load_state_dict(loaded.state_dict())
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._part_sums:
             for name, total in self._part_sums.items():
