@@ -1,7 +1,7 @@
 """Command line: ``croc demo`` and ``croc train``.
 
-    croc demo [--quick] [--out runs/demo]     the three stages on the embedded synthetic default
-    croc train --stage ... [TrainingArguments flags]   one stage on LLaVA JSON data (see ``croc train -h``)
+croc demo [--quick] [--out runs/demo]     the three stages on the embedded synthetic default
+croc train --stage ... [TrainingArguments flags]   one stage on LLaVA JSON data (see ``croc train -h``)
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def _demo(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="croc", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="croc", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train the three stages on the embedded synthetic default")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -35,7 +37,9 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("CROC_DEMO_QUICK", "0") == "1",
         help="a few steps per stage (smoke test, also CROC_DEMO_QUICK=1)",
     )
-    sub.add_parser("train", help="train one stage (projector | croc | finetune); see croc train -h", add_help=False)
+    sub.add_parser(
+        "train", help="train one stage (projector | croc | finetune); see croc train -h", add_help=False
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         from croc.train.run import main as train_main

@@ -10,9 +10,9 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from croc.data import (  # noqa: E402
+from croc.data import (
     IGNORE_INDEX,
     DataError,
     LlavaJsonDataset,
@@ -24,7 +24,7 @@ from croc.data import (  # noqa: E402
     tokenize_conversation,
     write_synthetic_dataset,
 )
-from croc.data.synthetic import COLOURS, caption_for, draw_scene, random_scene  # noqa: E402
+from croc.data.synthetic import COLOURS, caption_for, draw_scene, random_scene
 
 IMAGE_SIZE = 24
 NUM_IMAGE_TOKENS = 9
@@ -41,7 +41,9 @@ def image_processor():
 
 
 def _digest(folder):
-    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())).hexdigest()
+    return hashlib.sha256(
+        b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+    ).hexdigest()
 
 
 @pytest.mark.parametrize("kind", ["caption", "instruct", "eval"])
@@ -186,7 +188,9 @@ def test_bad_record_fails_the_run_with_its_id(tmp_path, tokenizer, image_process
 @pytest.mark.parametrize("problem", PROBLEMS)
 def test_bad_record_is_skipped_and_counted(tmp_path, tokenizer, image_processor, problem, caplog):
     bad_id = _break_record(tmp_path, problem)
-    dataset = _dataset(tmp_path, tokenizer, image_processor, max_length=64, verify_images=True, on_error="skip")
+    dataset = _dataset(
+        tmp_path, tokenizer, image_processor, max_length=64, verify_images=True, on_error="skip"
+    )
     assert len(dataset) == 5
     assert [record_id for record_id, _ in dataset.skipped] == [bad_id]
     assert bad_id in caplog.text

@@ -7,9 +7,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-import torch.nn.functional as F  # noqa: E402
+import torch.nn.functional as F
 
-from croc.data import IGNORE_INDEX, LlavaCollator, pack_lengths  # noqa: E402
+from croc.data import IGNORE_INDEX, LlavaCollator, pack_lengths
 
 PAD = 0
 IMAGE = 3
@@ -59,7 +59,9 @@ def test_collator_packed_layout():
             assert batch["position_ids"][r, start : start + n].tolist() == list(range(n))
             assert batch["labels"][r, start] == IGNORE_INDEX
             start += n
-        assert batch["attention_mask"][r, :start].eq(1).all() and batch["attention_mask"][r, start:].eq(0).all()
+        assert (
+            batch["attention_mask"][r, :start].eq(1).all() and batch["attention_mask"][r, start:].eq(0).all()
+        )
         assert batch["labels"][r, start:].eq(IGNORE_INDEX).all()
     # images follow the order of their tokens, row by row
     order = [index for row in rows for index in row]

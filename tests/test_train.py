@@ -14,16 +14,16 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from transformers import TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import TrainerCallback, TrainingArguments
 
-from croc.data import (  # noqa: E402
+from croc.data import (
     LlavaCollator,
     LlavaJsonDataset,
     build_image_processor,
     build_synthetic_tokenizer,
     write_synthetic_dataset,
 )
-from croc.train.run import num_image_tokens, train_stage  # noqa: E402
+from croc.train.run import num_image_tokens, train_stage
 
 IMAGE_SIZE = 16
 MAX_LENGTH = 160
@@ -93,7 +93,7 @@ def _changed_groups(before, model):
 
 @pytest.mark.parametrize("stage", ["projector", "croc", "finetune"])
 def test_stage_trains_its_parameters_and_logs_both_losses(setup, tmp_path, stage):
-    root, _, tokenizer, _ = setup
+    _, _, tokenizer, _ = setup
     model = _model(tokenizer)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     kind = "instruct" if stage == "finetune" else "caption"

@@ -68,7 +68,9 @@ class CrocArguments:
     prompt_pool_size: int | None = field(
         default=None, metadata={"help": "croc: pool tokens (2048); only when the pool is created fresh"}
     )
-    recon_loss_weight: float | None = field(default=None, metadata={"help": "croc: weight of recon_loss (10)"})
+    recon_loss_weight: float | None = field(
+        default=None, metadata={"help": "croc: weight of recon_loss (10)"}
+    )
     attention_backend: str | None = field(
         default=None, metadata={"help": "mixed attention backend: auto (Triton on CUDA) | triton | reference"}
     )
