@@ -21,7 +21,7 @@ their tokens appear (row-major over the batch).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import LlavaForConditionalGeneration
@@ -57,6 +57,18 @@ class CrocLlavaOutput(CausalLMOutputWithPast):
 
     lm_loss: torch.Tensor | None = None
     recon_loss: torch.Tensor | None = None
+    pool_cols: torch.Tensor | None = None
+
+
+class _Embedded(NamedTuple):
+    """Inputs of the text model: embeds [B, L, H]; with images also image_mask bool [B, L],
+    image_index int64 [I*T] (flat image positions), visual [I, T, H] (original projector
+    outputs) and pool_cols int64 [I, T] (or None when nothing was replaced)."""
+
+    embeds: torch.Tensor
+    image_mask: torch.Tensor | None = None
+    image_index: torch.Tensor | None = None
+    visual: torch.Tensor | None = None
     pool_cols: torch.Tensor | None = None
 
 
@@ -193,6 +205,31 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         spans = prefix_span_ids(attention_mask, segment_ids, labels, image_mask)
         return MixedMask.from_spans(spans, attention_mask, segment_ids, validate=validate)
 
+    def _attention_masks(
+        self,
+        image_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        segment_ids: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        inputs_embeds: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, MixedMask | None]:
+        """The (2D padding mask, croc_mask) the text model gets.
+
+        A ``croc_mask`` is built for stage "croc" with images (mixed), for packed rows and for
+        training steps (labels given; causal), so that only ``validate_masks`` decides the host
+        syncs. Otherwise (generation, decoding steps) the ``"croc_mixed"`` mask builder makes the
+        causal-with-padding mask from ``attention_mask`` and the KV cache.
+        """
+        mixed = self.config.stage == "croc" and image_mask is not None
+        if not (mixed or segment_ids is not None or labels is not None):
+            return attention_mask, None
+        shape, device = inputs_embeds.shape[:2], inputs_embeds.device
+        if attention_mask is None:
+            attention_mask = torch.ones(shape, dtype=torch.long, device=device)
+        if image_mask is None:
+            image_mask = torch.zeros(shape, dtype=torch.bool, device=device)
+        return attention_mask, self._croc_mask(image_mask, attention_mask, segment_ids, labels, mixed)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -239,56 +276,28 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if labels is not None:
             kwargs.setdefault("use_cache", False)  # no KV cache to build while training
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
         croc_objective = self.config.stage == "croc" and labels is not None and pixel_values is not None
-        pool_cols = image_hidden_index = original = None
-        if pixel_values is not None:
-            visual = self.visual_tokens(pixel_values)
-            num_images, per_image, hidden = visual.shape
-            image_mask = input_ids == self.config.image_token_id
-            image_hidden_index = self._image_positions(image_mask, num_images * per_image)
-            if croc_objective:
-                original = visual
-                visual, pool_cols = self._replace(visual, replace_mask)
-            flat = inputs_embeds.reshape(-1, hidden).index_copy(
-                0, image_hidden_index, visual.reshape(-1, hidden)
+        embedded = self._embed(input_ids, inputs_embeds, pixel_values, replace_mask, croc_objective)
+        if croc_mask is None:
+            attention_mask, croc_mask = self._attention_masks(
+                embedded.image_mask, attention_mask, segment_ids, labels, embedded.embeds
             )
-            inputs_embeds = flat.view_as(inputs_embeds)
-            mixed = self.config.stage == "croc"
-            if croc_mask is None and (mixed or segment_ids is not None):
-                if attention_mask is None:
-                    attention_mask = torch.ones_like(input_ids)
-                croc_mask = self._croc_mask(image_mask, attention_mask, segment_ids, labels, mixed)
-        elif croc_mask is None and segment_ids is not None:
-            if attention_mask is None:
-                attention_mask = torch.ones(
-                    inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
-                )
-            no_images = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
-            croc_mask = self._croc_mask(no_images, attention_mask, segment_ids, labels, mixed=False)
         if croc_mask is not None:
             kwargs["croc_mask"] = croc_mask
         lm_out = self.model.language_model(
-            inputs_embeds=inputs_embeds,
+            inputs_embeds=embedded.embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             croc_backend=self.config.attention_backend,
             **kwargs,
         )
         hidden_states = lm_out.last_hidden_state
-        kept = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
-        logits = self.lm_head(kept)
-        lm_loss = recon_loss = loss = None
-        if labels is not None:
-            lm_loss = causal_lm_loss(logits, labels, segment_ids, num_items_in_batch)
-            loss = lm_loss
+        logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
+        recon_loss = None
+        lm_loss = None if labels is None else causal_lm_loss(logits, labels, segment_ids, num_items_in_batch)
+        loss = lm_loss
         if croc_objective:
-            image_hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(
-                0, image_hidden_index
-            )
-            prediction = self.reconstruction_head(image_hidden.view(num_images, per_image, -1))
-            recon_loss = reconstruction_loss(prediction, original, self.config.recon_beta)
+            recon_loss = self._reconstruction_loss(hidden_states, embedded)
             loss = lm_loss + self.config.recon_loss_weight * recon_loss
         fields = {
             "loss": loss,
@@ -297,7 +306,37 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             "hidden_states": lm_out.hidden_states,
             "attentions": lm_out.attentions,
         }
-        return CrocLlavaOutput(**fields, lm_loss=lm_loss, recon_loss=recon_loss, pool_cols=pool_cols)
+        return CrocLlavaOutput(**fields, lm_loss=lm_loss, recon_loss=recon_loss, pool_cols=embedded.pool_cols)
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        replace_mask: torch.Tensor | None,
+        replace: bool,
+    ) -> _Embedded:
+        """Token embeddings with the (possibly pool-replaced) visual tokens at the image positions."""
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return _Embedded(inputs_embeds)
+        visual = self.visual_tokens(pixel_values)
+        num_images, per_image, hidden = visual.shape
+        image_mask = input_ids == self.config.image_token_id
+        image_index = self._image_positions(image_mask, num_images * per_image)
+        original, pool_cols = visual, None
+        if replace:
+            visual, pool_cols = self._replace(visual, replace_mask)
+        flat = inputs_embeds.reshape(-1, hidden).index_copy(0, image_index, visual.reshape(-1, hidden))
+        return _Embedded(flat.view_as(inputs_embeds), image_mask, image_index, original, pool_cols)
+
+    def _reconstruction_loss(self, hidden_states: torch.Tensor, embedded: _Embedded) -> torch.Tensor:
+        """SmoothL1 of the head's predictions at the image positions against the original visual tokens."""
+        num_images, per_image, _ = embedded.visual.shape
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, embedded.image_index)
+        prediction = self.reconstruction_head(flat.view(num_images, per_image, -1))
+        return reconstruction_loss(prediction, embedded.visual, self.config.recon_beta)
 
     def _replace(
         self, visual: torch.Tensor, replace_mask: torch.Tensor | None
