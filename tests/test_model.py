@@ -259,10 +259,10 @@ def test_generate_with_and_without_cache_gives_the_same_tokens(text_model, mask_
     assert torch.equal(cached, uncached)
 
 
-def test_from_pretrained_llava_checkpoint_and_save_load_round_trip(tmp_path):
+def _plain_llava(seed=1):
     config = tiny_config()
-    torch.manual_seed(1)
-    llava = LlavaForConditionalGeneration(
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(
         LlavaConfig(
             vision_config=config.vision_config.to_dict(),
             text_config=config.text_config.to_dict(),
@@ -271,6 +271,22 @@ def test_from_pretrained_llava_checkpoint_and_save_load_round_trip(tmp_path):
             vision_feature_layer=-1,
         )
     ).eval()
+
+
+def test_from_llava_copies_an_in_memory_model():
+    llava = _plain_llava()
+    model = CrocLlavaForConditionalGeneration.from_llava(llava, stage="projector", prompt_pool_size=16).eval()
+    assert (model.config.stage, model.config.prompt_pool_size) == ("projector", 16)
+    assert llava.config.text_config._attn_implementation == "sdpa"  # the source model is left alone
+    ids, attention_mask, pixel_values, _ = _batch(seed=9)
+    with torch.no_grad():
+        expected = llava(input_ids=ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+        got = model(ids, attention_mask, pixel_values).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_from_pretrained_llava_checkpoint_and_save_load_round_trip(tmp_path):
+    llava = _plain_llava()
     llava.save_pretrained(tmp_path / "llava")
     model = CrocLlavaForConditionalGeneration.from_pretrained(
         tmp_path / "llava", stage="finetune", prompt_pool_size=32, mask_kind="prefix"

@@ -131,6 +131,28 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.set_attn_implementation({"text_config": croc_transformers.ATTN_IMPLEMENTATION})
         self.set_stage(config.stage)
 
+    @classmethod
+    def from_llava(
+        cls, llava: LlavaForConditionalGeneration, **croc_fields: Any
+    ) -> CrocLlavaForConditionalGeneration:
+        """A Croc model holding a copy of an in-memory LLaVA model's weights (fresh pool and head).
+
+        Args:
+            llava: a transformers ``LlavaForConditionalGeneration`` (any device and dtype; the result
+                is moved to the device and dtype of its first parameter).
+            **croc_fields: :class:`CrocLlavaConfig` fields (``stage``, ``mask_kind``, ...).
+        """
+        fields = {k: v for k, v in llava.config.to_dict().items() if k not in ("model_type", "architectures")}
+        model = cls(CrocLlavaConfig(**{**fields, **croc_fields}))
+        missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False)
+        fresh = ("prompt_pool.", "reconstruction_head.")
+        if unexpected or any(not key.startswith(fresh) for key in missing):
+            raise ValueError(
+                f"llava does not match the Croc model: missing {missing}, unexpected {unexpected}"
+            )
+        first = next(llava.parameters())
+        return model.to(device=first.device, dtype=first.dtype)
+
     def _init_weights(self, module: torch.nn.Module) -> None:
         if isinstance(module, PromptTokenPool):
             if not getattr(module.tokens, "_is_hf_initialized", False):
