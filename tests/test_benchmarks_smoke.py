@@ -42,3 +42,15 @@ def test_layouts_are_valid_masks(kind):
     image_query = 100  # inside the first sample's image span (prompts are < 64 tokens)
     assert dense[0, image_query, image_query + 1], "image/prefix tokens see later tokens of their span"
     assert layouts.visible_pairs(mask) == int(dense.sum())
+
+
+def test_train_step_quick(tmp_path):
+    rows = _run("train_step.py", tmp_path)
+    assert [r["provider"] for r in rows] == ["reference", "croc"]
+    for row in rows:
+        assert row["status"] == "ok"
+        assert float(row["step_ms"]) > 0 and float(row["attention_share"]) > 0
+    reference, ours = rows
+    assert reference["tokens"] == ours["tokens"], "both providers train on the same samples"
+    assert int(reference["images"]) >= 2
+    assert int(ours["batch_rows"]) < int(reference["batch_rows"]), "croc packs the samples"
