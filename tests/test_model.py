@@ -12,6 +12,7 @@ from croc.model import (
     TINY_IMAGE_TOKEN_ID,
     CrocLlavaConfig,
     CrocLlavaForConditionalGeneration,
+    causal_lm_loss,
     prefix_span_ids,
     tiny_config,
 )
@@ -224,6 +225,22 @@ def test_packed_rows_equal_separate_rows(stage):
 
 def _first_row(extra):
     return {key: value[:1] for key, value in extra.items()}
+
+
+def test_causal_lm_loss_normalisation_and_segment_boundaries():
+    logits = torch.randn(2, 6, 11, generator=torch.Generator().manual_seed(10))
+    labels = torch.tensor([[-100, 1, 2, 3, -100, 4], [-100, -100, 5, 6, 7, 8]])
+    per_token = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), reduction="none")
+    picked = labels[:, 1:].reshape(-1) != -100
+    torch.testing.assert_close(causal_lm_loss(logits, labels), per_token[picked].mean())
+    torch.testing.assert_close(
+        causal_lm_loss(logits, labels, num_items_in_batch=20), per_token[picked].sum() / 20
+    )
+    segments = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+    crossing = torch.zeros_like(picked)
+    crossing[2] = True  # row 0 target 3 sits in the next document
+    expected = per_token[picked & ~crossing].mean()
+    torch.testing.assert_close(causal_lm_loss(logits, labels, segment_ids=segments), expected)
 
 
 def test_prefix_span_ids_per_document():

@@ -6,6 +6,7 @@ Public API::
 
     config = tiny_config(stage="croc")                       # or CrocLlavaConfig(vision_config=..., text_config=..., ...)
     model = CrocLlavaForConditionalGeneration(config)        # or .from_pretrained(llava_dir, stage="croc")
+                                                             # or .from_llava(llava_model, stage="croc")
     model.set_stage("projector" | "croc" | "finetune")       # sets requires_grad
     optimizer = torch.optim.AdamW(model.trainable_parameters())
     out = model(input_ids, attention_mask, pixel_values, labels, segment_ids=None, position_ids=None)
