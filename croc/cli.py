@@ -1,7 +1,9 @@
-"""Command line: ``croc demo`` and ``croc train``.
+"""Command line: ``croc demo``, ``croc init`` and ``croc train``.
 
-croc demo [--quick] [--out runs/demo]     the three stages on the embedded synthetic default
-croc train --stage ... [TrainingArguments flags]   one stage on LLaVA JSON data (see ``croc train -h``)
+croc demo [--quick] [--out runs/demo]   the three stages on the embedded synthetic default
+croc init --language_model DIR --vision_tower DIR --output_dir DIR
+                                        the stage-1 checkpoint from a local LLM and a CLIP tower
+croc train --stage S ...                one stage on LLaVA JSON data (see ``croc train -h``)
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("CROC_DEMO_QUICK", "0") == "1",
         help="a few steps per stage (smoke test, also CROC_DEMO_QUICK=1)",
     )
+    init = sub.add_parser("init", help="compose the stage-1 checkpoint from a local LLM and a CLIP tower")
+    init.add_argument("--language_model", required=True, help="local causal LM folder (with tokenizer)")
+    init.add_argument("--vision_tower", required=True, help="local CLIP (vision) model folder")
+    init.add_argument("--output_dir", required=True, help="where to write the CrocLlava checkpoint")
+    init.add_argument("--prompt_pool_size", type=int, default=2048, help="prompt pool tokens (2048)")
     sub.add_parser(
         "train", help="train one stage (projector | croc | finetune); see croc train -h", add_help=False
     )
@@ -48,6 +55,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "init":
+        from croc.train.compose import compose_checkpoint
+
+        out = compose_checkpoint(
+            args.language_model, args.vision_tower, args.output_dir, prompt_pool_size=args.prompt_pool_size
+        )
+        print(f"croc init: wrote {out}")
+        return
     _demo(args)
 
 

@@ -209,3 +209,45 @@ def test_deepspeed_zero2_two_processes_cpu(setup, tmp_path):
     }
     assert changed == TRAINED["croc"]
     assert json.loads((out / "config.json").read_text())["stage"] == "croc"
+
+
+def test_compose_checkpoint_from_a_language_model_and_a_clip_tower(setup, tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from croc.cli import main
+    from croc.model import CrocLlavaForConditionalGeneration
+
+    _, _, tokenizer, _ = setup
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+        )
+    )  # fmt: skip
+    llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    tower = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            image_size=IMAGE_SIZE, patch_size=8,
+        )
+    )  # fmt: skip
+    tower.save_pretrained(tmp_path / "clip")
+    out = tmp_path / "init"
+    main(["init", "--language_model", str(tmp_path / "llm"), "--vision_tower", str(tmp_path / "clip"),
+          "--output_dir", str(out), "--prompt_pool_size", "8"])  # fmt: skip
+    model = CrocLlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    assert model.config.stage == "projector" and model.config.image_seq_length == 4
+    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
+    for key, value in llm.state_dict().items():
+        mine = (
+            model.lm_head.weight
+            if key == "lm_head.weight"
+            else model.model.language_model.state_dict()[key[6:]]
+        )
+        torch.testing.assert_close(mine, value.to(torch.bfloat16).float())
+    for key, value in tower.state_dict().items():
+        torch.testing.assert_close(
+            model.model.vision_tower.state_dict()[key], value.to(torch.bfloat16).float()
+        )
