@@ -9,6 +9,11 @@ import torch
 from croc.mask import MixedMask
 from croc.ops.reference_attention import reference_mixed_attention
 
+try:
+    from croc.ops.triton_attention import triton_mixed_attention
+except ImportError:  # triton is an optional dependency
+    triton_mixed_attention = None
+
 __all__ = ["mixed_attention"]
 
 _BACKENDS = ("auto", "triton", "reference")
@@ -57,7 +62,9 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "reference"
+        return "triton" if device.type == "cuda" and triton_mixed_attention is not None else "reference"
+    if backend == "triton" and triton_mixed_attention is None:
+        raise ValueError("backend='triton' needs the triton package (pip install croc[triton])")
     return backend
 
 
@@ -88,5 +95,5 @@ def mixed_attention(
     if chosen != "reference" and q.dtype == torch.float64:
         raise ValueError("q/k/v: float64 is supported by backend='reference' only")
     if chosen == "triton":
-        raise NotImplementedError("backend='triton': the Triton kernels are not built yet")
+        return triton_mixed_attention(q, k, v, mask, scale)
     return reference_mixed_attention(q, k, v, mask.kv_start, mask.kv_end, scale)

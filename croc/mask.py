@@ -50,7 +50,9 @@ class BlockMetadata:
             (the column view, used by the backward's dK/dV pass).
         q_block_count: int32 [B, nK].
         kv_blocks_partial_first: int32 [B, nQ, nK]; the same key blocks as ``kv_blocks`` but the
-            PARTIAL ones first (ascending), then the FULL ones (ascending); the kernels run one
+            ones that need per-element masking first (ascending), then the others (ascending). A
+            tile needs masking if it is PARTIAL or overhangs the end of the queries or keys (last
+            block of a length that is not a multiple of the block size). The kernels run one
             masked loop over the first ``kv_partial_count`` entries and one unmasked loop over the rest.
         kv_partial_count: int32 [B, nQ].
         q_blocks_partial_first: int32 [B, nK, nQ]; the column view of the same, for the dK/dV pass.
@@ -407,7 +409,12 @@ class MixedMask:
         kind = torch.where(reaches & covers, TILE_FULL, kind).to(torch.int8)
         kv_blocks, kv_count = _compact_block_lists(reaches)
         q_blocks, q_count = _compact_block_lists(reaches.transpose(1, 2))
-        partial = kind == TILE_PARTIAL
+        num_q_blocks = kind.shape[1]
+        overhang_q = (
+            torch.arange(num_q_blocks, device=self.device) * block_q + block_q > self.kv_start.shape[1]
+        )
+        overhang_k = key_lo + block_k > self.num_keys
+        partial = (kind == TILE_PARTIAL) | (reaches & (overhang_q[:, None] | overhang_k[None, :]))
         kv_first, kv_partial = _partial_first_lists(reaches, partial)
         q_first, q_partial = _partial_first_lists(reaches.transpose(1, 2), partial.transpose(1, 2))
         return BlockMetadata(

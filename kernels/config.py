@@ -1,0 +1,119 @@
+"""Launch configurations of the mixed-attention kernels: the one place that picks tile sizes.
+
+Each of the three passes (forward; backward dK/dV over query blocks; backward dQ over key blocks)
+has its own ``PassConfig``. The table is keyed by GPU generation (``80``: Ampere/Ada and anything
+before Hopper, ``90``: Hopper and later) and the padded head dim (64 or 128; head dims 80 and 96
+run in 128-wide tiles with masked loads). The Triton interpreter uses one fixed small config so
+that short test sequences still span several tiles.
+
+Every configuration listed here is compiled ahead of time for sm_80 and sm_90 by
+``tests/test_kernel_aot.py`` (no register spills, HGMMA on sm_90 for fp16/bf16).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "INTERPRET",
+    "SUPPORTED_HEAD_DIMS",
+    "AttentionConfig",
+    "PassConfig",
+    "all_configs",
+    "attention_config",
+    "padded_head_dim",
+]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """Tile of one pass: ``block_m`` query rows × ``block_n`` key rows, and Triton launch knobs."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """The three passes of one (arch, head dim, dtype) combination."""
+
+    forward: PassConfig
+    dkdv: PassConfig
+    dq: PassConfig
+
+
+def _half(block_m: int, block_n: int, num_warps: int, num_stages: int) -> PassConfig:
+    return PassConfig(block_m, block_n, num_warps, num_stages)
+
+
+# (arch, padded head dim) -> configs for fp16/bf16 inputs (tensor-core dots).
+_HALF_TABLE: dict[tuple[int, int], AttentionConfig] = {
+    (90, 64): AttentionConfig(
+        forward=_half(128, 128, 8, 3), dkdv=_half(64, 128, 8, 2), dq=_half(128, 64, 8, 2)
+    ),
+    (90, 128): AttentionConfig(
+        forward=_half(128, 128, 8, 2), dkdv=_half(64, 128, 8, 2), dq=_half(128, 64, 8, 2)
+    ),
+    (80, 64): AttentionConfig(
+        forward=_half(128, 64, 4, 3), dkdv=_half(32, 128, 4, 3), dq=_half(128, 32, 4, 3)
+    ),
+    (80, 128): AttentionConfig(
+        forward=_half(128, 64, 8, 2), dkdv=_half(64, 128, 8, 2), dq=_half(128, 64, 8, 2)
+    ),
+}
+
+# fp32 inputs use exact fp32 dots (``input_precision="ieee"``: no tensor cores), so small tiles.
+_FP32_CONFIG = AttentionConfig(
+    forward=PassConfig(64, 32, 4, 2), dkdv=PassConfig(32, 64, 4, 2), dq=PassConfig(64, 32, 4, 2)
+)
+
+_INTERPRET_PASS = PassConfig(16, 16, 4, 1)
+_INTERPRET_CONFIG = AttentionConfig(_INTERPRET_PASS, _INTERPRET_PASS, _INTERPRET_PASS)
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The power-of-two tile width used for ``head_dim`` (64 -> 64; 80, 96, 128 -> 128)."""
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"head_dim must be one of {SUPPORTED_HEAD_DIMS} for backend='triton', got {head_dim}"
+        )
+    return 1 << (head_dim - 1).bit_length()
+
+
+def arch_of(device: torch.device) -> int:
+    """Config generation for a device: 90 for compute capability >= 9.0, else 80."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def lookup(arch: int, head_dim: int, dtype: torch.dtype) -> AttentionConfig:
+    """Config for a GPU generation (80 or 90), head dim and input dtype."""
+    if dtype == torch.float32:
+        return _FP32_CONFIG
+    return _HALF_TABLE[(arch, padded_head_dim(head_dim))]
+
+
+def attention_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> AttentionConfig:
+    """The config the package launches for inputs of this head dim, dtype and device."""
+    padded_head_dim(head_dim)  # validates
+    if device.type != "cuda":
+        return _INTERPRET_CONFIG
+    return lookup(arch_of(device), head_dim, dtype)
+
+
+def all_configs() -> list[tuple[int, int, torch.dtype, AttentionConfig]]:
+    """Every (arch, head dim, dtype, config) the package can launch on a GPU (for the AOT test)."""
+    return [
+        (arch, head_dim, dtype, lookup(arch, head_dim, dtype))
+        for arch in (80, 90)
+        for head_dim in SUPPORTED_HEAD_DIMS
+        for dtype in (torch.float16, torch.bfloat16, torch.float32)
+    ]
