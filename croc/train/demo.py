@@ -44,16 +44,16 @@ class StageRecipe:
 class DemoRecipe:
     """Sizes of the demo; ``quick()`` is the CI smoke-test version."""
 
-    train_images: int = 4000
+    train_images: int = 3000
     eval_images: int = 200
     sample_images: int = 6
     image_size: int = 48
     patch_size: int = 8
-    batch_size: int = 32
+    batch_size: int = 16
     max_length: int = 512
     stages: tuple[StageRecipe, ...] = (
-        StageRecipe("projector", "caption", "plain", 150, 1e-3, False),
-        StageRecipe("croc", "caption", "plain", 300, 1e-3, True),
+        StageRecipe("projector", "caption", "plain", 60, 1e-3, False),
+        StageRecipe("croc", "caption", "plain", 400, 1e-3, True),
         StageRecipe("finetune", "instruct", "vicuna", 300, 5e-4, False),
     )
 
