@@ -9,6 +9,7 @@ zero2`` / ``zero3`` name the configs shipped in ``croc/train/configs``. Launch o
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -164,14 +165,24 @@ def _load(args: CrocArguments, training_args: TrainingArguments):
     return model, tokenizer, image_processor
 
 
+def _resolve_deepspeed_flag(argv: list[str] | None) -> list[str]:
+    """``argv`` with the value of ``--deepspeed`` turned into a config path (TrainingArguments reads
+    the file while it is parsed, so the shipped names must be resolved before)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, token in enumerate(argv):
+        if token == "--deepspeed" and i + 1 < len(argv):
+            argv[i + 1] = deepspeed_config_path(argv[i + 1])
+        elif token.startswith("--deepspeed="):
+            argv[i] = "--deepspeed=" + deepspeed_config_path(token.split("=", 1)[1])
+    return argv
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``croc train``: parse, load, build the data, train, save model + processors."""
     parser = HfArgumentParser((CrocArguments, TrainingArguments), prog="croc train")
-    args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    args, training_args = parser.parse_args_into_dataclasses(args=_resolve_deepspeed_flag(argv))
     if args.stage not in STAGES:
         parser.error(f"--stage must be one of {STAGES}, got {args.stage!r}")
-    if training_args.deepspeed:
-        training_args.deepspeed = deepspeed_config_path(training_args.deepspeed)
     model, tokenizer, image_processor = _load(args, training_args)
     dataset = build_dataset(args, tokenizer, image_processor, model.config)
     packing = args.stage == "croc" if args.packing is None else args.packing
