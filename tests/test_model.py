@@ -8,6 +8,7 @@ from mask_cases import dense_rule
 from scipy.optimize import linear_sum_assignment
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+import croc
 from croc.model import (
     TINY_IMAGE_TOKEN_ID,
     CrocLlavaConfig,
@@ -300,6 +301,23 @@ def test_from_llava_copies_an_in_memory_model():
         expected = llava(input_ids=ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
         got = model(ids, attention_mask, pixel_values).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_llava_with_croc_mixed_and_croc_mask_equals_the_croc_stage():
+    llava = _plain_llava(seed=2)
+    model = CrocLlavaForConditionalGeneration.from_llava(llava, stage="croc").eval()
+    llava.set_attn_implementation({"text_config": "croc_mixed"})
+    assert llava.config.vision_config._attn_implementation == "sdpa"
+    ids, attention_mask, pixel_values, _ = _batch(seed=11)
+    mask = croc.MixedMask.from_image_mask(ids == TINY_IMAGE_TOKEN_ID, attention_mask)
+    with torch.no_grad():
+        expected = model(ids, attention_mask, pixel_values).logits
+        got = llava(
+            input_ids=ids, attention_mask=attention_mask, pixel_values=pixel_values, croc_mask=mask
+        ).logits
+        causal = llava(input_ids=ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(causal, expected, atol=1e-3)
 
 
 def test_from_pretrained_llava_checkpoint_and_save_load_round_trip(tmp_path):
