@@ -46,9 +46,13 @@ def test_text_model_runs_croc_mixed_and_vision_keeps_its_attention():
     assert text.num_key_value_heads < text.num_attention_heads  # the Qwen2 option is GQA
 
 
-@pytest.mark.parametrize("text_model", ["llama", "qwen2"])
-def test_croc_stage_gradients_reach_pool_projector_llm_and_head(text_model):
-    model = _model(text_model, stage="croc")
+@pytest.mark.parametrize(
+    ("text_model", "assignment", "pool_init"),
+    [("llama", "hungarian", "normal"), ("qwen2", "nearest", "normalized")],
+)
+def test_croc_stage_gradients_reach_pool_projector_llm_and_head(text_model, assignment, pool_init):
+    model = _model(text_model, stage="croc", assignment=assignment, pool_init=pool_init)
+    assert (model.prompt_pool.assignment, model.prompt_pool.init) == (assignment, pool_init)
     out = model(*_batch())
     assert out.loss is not None and out.lm_loss is not None and out.recon_loss is not None
     out.loss.backward()
