@@ -3,6 +3,7 @@
 Importing croc needs neither a GPU nor transformers/DeepSpeed.
 """
 
+from croc.assignment import linear_sum_assignment
 from croc.attention import mixed_attention
 from croc.mask import BlockMetadata, MixedMask
 from croc.pool import PromptTokenPool, random_replace_mask
@@ -14,6 +15,7 @@ __all__ = [
     "MixedMask",
     "PromptTokenPool",
     "__version__",
+    "linear_sum_assignment",
     "mixed_attention",
     "random_replace_mask",
 ]

@@ -2,8 +2,8 @@
 // croc::linear_sum_assignment. Errors surface in Python as ValueError and name `cost`.
 #pragma once
 
-#include <torch/library.h>
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include "lsap_core.h"
 

@@ -81,12 +81,12 @@ struct Workspace {
 };
 
 // Resets the assignment and the row potentials; v[j] = min(0, col_min[j] - theta) when col_min is
-// given (a warm start that makes the columns every row wants less attractive; see
-// column_threshold), else 0. Strided over tid.
+// given and theta is finite (a warm start that makes the columns every row wants less
+// attractive; see warm_start_rank), else 0. Strided over tid.
 CROC_HD void init_workspace(const Workspace& w, const double* col_min, double theta, int tid, int nthreads) {
   for (int j = tid; j < w.m; j += nthreads) {
-    const double bonus = col_min == nullptr ? 0.0 : col_min[j] - theta;
-    w.v[j] = bonus < 0.0 ? bonus : 0.0;
+    const bool discounted = col_min != nullptr && theta < infinity() && col_min[j] < theta;
+    w.v[j] = discounted ? col_min[j] - theta : 0.0;
     w.row4col[j] = -1;
   }
   for (int i = tid; i < w.n; i += nthreads) {
@@ -135,7 +135,7 @@ CROC_HD void column_min_share(const CostView<T>& cost, int n, int m, double* col
 // Number of columns the warm start discounts: the (rank + 1)-th smallest column minimum is the
 // threshold theta, so `rank` columns get v < 0. Chosen below n so that, when rows compete for the
 // same cheap columns, all of them are used by the optimum and the warm start proves optimal.
-CROC_HD int warm_start_rank(int n) { return n - n / 8; }
+CROC_HD int warm_start_rank(int n, int m) { return n - n / 8 < m ? n - n / 8 : m - 1; }
 
 // The value of rank `rank` (0-based) among col_min[0..m) ordered by (value, index): the thread
 // whose column has that rank writes it to *theta. Strided over tid; O(m^2 / nthreads).

@@ -19,6 +19,10 @@
 #include <type_traits>
 #include <vector>
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
 #include "lsap_checks.h"
 
 namespace croc_lsap {
@@ -244,7 +248,7 @@ Status solve_view(const CostView<T>& cost, const Workspace& w, const std::vector
   const int claimed = greedy_start(cost, w, row_min, nullptr, 0.0);
   if (2 * claimed >= w.n) return augment_all(cost, w);
   std::vector<double> sorted(col_min, col_min + w.m);
-  const int rank = warm_start_rank(w.n);
+  const int rank = warm_start_rank(w.n, w.m);
   std::nth_element(sorted.begin(), sorted.begin() + rank, sorted.end());
   greedy_start(cost, w, row_min, col_min, sorted[rank]);
   const Status status = augment_all(cost, w);

@@ -7,6 +7,10 @@
 // matrix. CPU tensors only; used by the tests.
 #include <vector>
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
 #include "lsap_checks.h"
 
 namespace croc_lsap {
@@ -63,7 +67,7 @@ Status run_block(const CostView<T>& cost, const Workspace& w, double* col_min, i
   double theta = 0.0;
   for (int tid = 0; tid < nthreads; ++tid) column_min_share(cost, w.n, w.m, col_min, tid, nthreads);
   for (int tid = 0; tid < nthreads; ++tid)
-    column_threshold_share(col_min, w.m, warm_start_rank(w.n), &theta, tid, nthreads);
+    column_threshold_share(col_min, w.m, warm_start_rank(w.n, w.m), &theta, tid, nthreads);
   greedy_phase(cost, w, col_min, theta, nthreads, &invalid);
   const Status status = search_phase(cost, w, nthreads);
   bool certified = true;

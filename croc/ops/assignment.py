@@ -1,0 +1,136 @@
+"""Op layer of the batched assignment: ``torch.ops.croc.linear_sum_assignment`` and its fallback.
+
+The op is defined in C++ (``csrc/``, built into ``croc._C``): schema, CPU implementation (problems
+of a batch in parallel on torch's thread pool) and, when built with CUDA, the CUDA implementation
+(one launch for the batch). Its fake function is registered here, so ``torch.compile`` traces a
+call without a graph break. The op is not differentiable (it returns indices).
+
+When ``croc._C`` is missing (e.g. installed with ``CROC_SKIP_EXT_BUILD=1``), :func:`solve` falls
+back to scipy, with a single warning per process.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+try:
+    from croc import _C
+except ImportError:  # built without the extension (CROC_SKIP_EXT_BUILD=1, or torch absent at build)
+    _C = None
+
+__all__ = ["EXTENSION_AVAILABLE", "EXTENSION_HAS_CUDA", "scipy_linear_sum_assignment", "solve"]
+
+EXTENSION_AVAILABLE: bool = _C is not None
+EXTENSION_HAS_CUDA: bool = _C is not None and bool(_C.has_cuda())
+
+_BACKENDS = ("auto", "cuda", "cpu", "scipy")
+_warned_fallbacks: set[str] = set()
+
+if EXTENSION_AVAILABLE:
+
+    @torch.library.register_fake("croc::linear_sum_assignment")
+    def _linear_sum_assignment_fake(cost: torch.Tensor, maximize: bool) -> torch.Tensor:
+        return cost.new_empty(cost.shape[:2], dtype=torch.int64)
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned_fallbacks:
+        _warned_fallbacks.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _forbidden_entries(cost: torch.Tensor, maximize: bool) -> torch.Tensor:
+    """bool [B]: problems holding NaN, or the infinity of the wrong sign (-inf, or +inf to maximise)."""
+    wrong_inf = float("inf") if maximize else float("-inf")
+    return (torch.isnan(cost) | (cost == wrong_inf)).flatten(1).any(1)
+
+
+def scipy_linear_sum_assignment(cost: torch.Tensor, maximize: bool) -> torch.Tensor:
+    """scipy's solver in a loop over the batch, with croc's error messages.
+
+    Args:
+        cost: float [B, n, m], n <= m, any device (copied to the host as float64).
+        maximize: maximise the total instead of minimising it.
+
+    Returns:
+        int64 [B, n] on cost's device: the column assigned to each row.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    batch, n, _ = cost.shape
+    host = cost.detach().to("cpu", torch.float64)
+    bad = _forbidden_entries(host, maximize)
+    if bad.any():
+        element = int(bad.nonzero()[0, 0])
+        allowed = "use -inf to forbid a pair" if maximize else "use +inf to forbid a pair"
+        raise ValueError(
+            f"cost (batch element {element}) contains NaN or {'+inf' if maximize else '-inf'}; {allowed}"
+        )
+    out = np.empty((batch, n), dtype=np.int64)
+    for b, problem in enumerate(host.numpy()):
+        try:
+            out[b] = linear_sum_assignment(problem, maximize=maximize)[1]
+        except ValueError as error:
+            raise ValueError(
+                f"cost (batch element {b}) is infeasible: its forbidden ({'-inf' if maximize else '+inf'}) "
+                "entries leave no assignment of every row to its own column"
+            ) from error
+    return torch.from_numpy(out).to(cost.device)
+
+
+def _resolve(backend: str, device: torch.device) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend in ("cpu", "cuda") and not EXTENSION_AVAILABLE:
+        raise RuntimeError(
+            f"backend={backend!r} needs the C++ extension croc._C, which is not built; reinstall croc "
+            "with `pip install --no-build-isolation -e .` (without CROC_SKIP_EXT_BUILD), or use "
+            "backend='scipy'"
+        )
+    if backend == "cuda":
+        if not EXTENSION_HAS_CUDA:
+            raise RuntimeError(
+                "backend='cuda' needs croc._C built with CUDA (a CUDA build of torch and nvcc at install "
+                "time, without CROC_SKIP_CUDA_BUILD); use backend='cpu' or 'scipy'"
+            )
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs cost on a CUDA device, got {device}")
+    if backend != "auto":
+        return backend
+    if not EXTENSION_AVAILABLE:
+        _warn_once(
+            "scipy",
+            "croc._C (the C++ assignment extension) is not built: croc.linear_sum_assignment falls "
+            "back to scipy in a loop, which is much slower",
+        )
+        return "scipy"
+    if device.type == "cuda" and not EXTENSION_HAS_CUDA:
+        _warn_once(
+            "cpu",
+            "croc._C was built without CUDA: croc.linear_sum_assignment solves CUDA tensors with the C++ "
+            "CPU solver on a host copy",
+        )
+        return "cpu"
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
+def solve(cost: torch.Tensor, maximize: bool, backend: str) -> torch.Tensor:
+    """Solves a batch of validated problems with the chosen backend.
+
+    Args:
+        cost: float32 or float64 [B, n, m], n <= m (validated by the caller).
+        maximize: maximise the total instead of minimising it.
+        backend: "auto" | "cuda" | "cpu" | "scipy" (see :func:`croc.linear_sum_assignment`).
+
+    Returns:
+        int64 [B, n] on cost's device.
+    """
+    chosen = _resolve(backend, cost.device)
+    if chosen == "scipy":
+        return scipy_linear_sum_assignment(cost, maximize)
+    if chosen == "cpu" and cost.device.type != "cpu":
+        return torch.ops.croc.linear_sum_assignment(cost.cpu(), maximize).to(cost.device)
+    return torch.ops.croc.linear_sum_assignment(cost, maximize)
