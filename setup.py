@@ -95,7 +95,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "train": [
-            "transformers>=4.50",
+            "transformers>=5.17",  # croc_mixed mask builder: q_length/q_offset sdpa_mask API (5.17, 5.24 tested)
             "accelerate>=1.0",
             "tokenizers",
             "pillow",
