@@ -337,6 +337,9 @@ def test_from_pretrained_llava_checkpoint_and_save_load_round_trip(tmp_path):
         "prefix",
     )
     assert model.config.text_config._attn_implementation == "croc_mixed"
+    trained = ("model.multi_modal_projector", "model.language_model", "lm_head")  # stage "finetune"
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(name.startswith(trained) for name in trainable)
     assert (
         torch.isfinite(model.prompt_pool.tokens).all() and 0.8 < model.prompt_pool.tokens.std().item() < 1.2
     )

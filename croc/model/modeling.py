@@ -132,6 +132,14 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.set_stage(config.stage)
 
     @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> CrocLlavaForConditionalGeneration:
+        """transformers' ``from_pretrained``, then :meth:`set_stage` again (loading replaces the
+        parameters, which resets ``requires_grad``)."""
+        model = super().from_pretrained(*args, **kwargs)
+        model.set_stage(model.config.stage)
+        return model
+
+    @classmethod
     def from_llava(
         cls, llava: LlavaForConditionalGeneration, **croc_fields: Any
     ) -> CrocLlavaForConditionalGeneration:
