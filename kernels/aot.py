@@ -101,7 +101,7 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int, bool]:
 
 def _compile_one(job: tuple) -> CompileReport:
     arch, head_dim, dtype, name, constexprs, launch = job
-    fn = dict((n, f) for n, f, _, _ in kernel_launches(head_dim, dtype, lookup(arch, head_dim, dtype)))[name]
+    fn = dict((n, f) for n, f, _, _ in kernel_launches(head_dim, lookup(arch, head_dim, dtype)))[name]
     signature, attrs = _signature(fn, _TRITON_DTYPE[dtype], constexprs)
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
@@ -116,7 +116,7 @@ def compile_jobs() -> list[tuple]:
     """One job per distinct compiled kernel: (arch, head dim, dtype, name, constexprs, PassConfig)."""
     jobs, seen = [], set()
     for arch, head_dim, dtype, config in all_configs():
-        for name, _, constexprs, launch in kernel_launches(head_dim, dtype, config):
+        for name, _, constexprs, launch in kernel_launches(head_dim, config):
             key = (arch, _TRITON_DTYPE[dtype], name, tuple(sorted(constexprs.items())), launch)
             if key not in seen:
                 seen.add(key)

@@ -2,16 +2,18 @@
 
 Each of the three passes (forward; backward dK/dV over query blocks; backward dQ over key blocks)
 has its own ``PassConfig``. The table is keyed by GPU generation (``80``: Ampere/Ada and anything
-before Hopper, ``90``: Hopper and later) and the padded head dim (64 or 128; head dims 80 and 96
-run in 128-wide tiles with masked loads). The Triton interpreter uses one fixed small config so
+before Hopper, ``90``: Hopper and later), the padded head dim (64 or 128; head dims 80 and 96
+run in 128-wide tiles with masked loads) and whether the inputs are fp32 (TF32 dots). The Triton interpreter uses one fixed small config so
 that short test sequences still span several tiles.
 
 Every configuration listed here is compiled ahead of time for sm_80 and sm_90 by
-``tests/test_kernel_aot.py`` (no register spills, HGMMA on sm_90 for fp16/bf16).
+``tests/test_kernel_aot.py`` (no register spills, shared memory within the
+limit, HGMMA on sm_90 where the tiles allow it).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -50,30 +52,25 @@ class AttentionConfig:
     dq: PassConfig
 
 
-def _half(block_m: int, block_n: int, num_warps: int, num_stages: int) -> PassConfig:
-    return PassConfig(block_m, block_n, num_warps, num_stages)
+def _cfg(forward: tuple, dkdv: tuple, dq: tuple) -> AttentionConfig:
+    return AttentionConfig(PassConfig(*forward), PassConfig(*dkdv), PassConfig(*dq))
 
 
-# (arch, padded head dim) -> configs for fp16/bf16 inputs (tensor-core dots).
-_HALF_TABLE: dict[tuple[int, int], AttentionConfig] = {
-    (90, 64): AttentionConfig(
-        forward=_half(128, 128, 8, 3), dkdv=_half(64, 128, 8, 2), dq=_half(128, 64, 8, 2)
-    ),
-    (90, 128): AttentionConfig(
-        forward=_half(128, 128, 8, 2), dkdv=_half(64, 128, 8, 2), dq=_half(128, 64, 8, 2)
-    ),
-    (80, 64): AttentionConfig(
-        forward=_half(128, 64, 4, 3), dkdv=_half(32, 128, 4, 3), dq=_half(128, 32, 4, 3)
-    ),
-    (80, 128): AttentionConfig(
-        forward=_half(128, 64, 8, 2), dkdv=_half(64, 128, 8, 2), dq=_half(128, 64, 8, 2)
-    ),
+# (arch, padded head dim, fp32 inputs) -> (block_m, block_n, num_warps, num_stages) per pass.
+# Picked on a CPU machine from candidate lists by `python -m croc.kernels.aot` (no register spills,
+# dynamic shared memory <= 227 KiB on sm_90 and <= 99 KiB on sm_80, so that sm_86/sm_89 fit too),
+# preferring large tiles and 8 warps with M >= 64 (Hopper wgmma). Not yet tuned for speed on a GPU.
+# fp32 inputs run TF32 dots, whose register footprint forces smaller tiles.
+_TABLE: dict[tuple[int, int, bool], AttentionConfig] = {
+    (90, 64, False): _cfg(forward=(128, 128, 8, 3), dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
+    (90, 128, False): _cfg(forward=(128, 128, 8, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 2)),
+    (80, 64, False): _cfg(forward=(128, 64, 4, 3), dkdv=(32, 64, 4, 1), dq=(128, 32, 4, 3)),
+    (80, 128, False): _cfg(forward=(128, 64, 8, 3), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2)),
+    (90, 64, True): _cfg(forward=(128, 64, 8, 3), dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
+    (90, 128, True): _cfg(forward=(64, 64, 4, 3), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1)),
+    (80, 64, True): _cfg(forward=(128, 64, 8, 3), dkdv=(16, 32, 4, 1), dq=(64, 32, 8, 1)),
+    (80, 128, True): _cfg(forward=(64, 32, 4, 2), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1)),
 }
-
-# fp32 inputs use exact fp32 dots (``input_precision="ieee"``: no tensor cores), so small tiles.
-_FP32_CONFIG = AttentionConfig(
-    forward=PassConfig(64, 32, 4, 2), dkdv=PassConfig(32, 64, 4, 2), dq=PassConfig(64, 32, 4, 2)
-)
 
 _INTERPRET_PASS = PassConfig(16, 16, 4, 1)
 _INTERPRET_CONFIG = AttentionConfig(_INTERPRET_PASS, _INTERPRET_PASS, _INTERPRET_PASS)
@@ -88,17 +85,19 @@ def padded_head_dim(head_dim: int) -> int:
     return 1 << (head_dim - 1).bit_length()
 
 
+@torch.compiler.assume_constant_result
+@functools.cache
 def arch_of(device: torch.device) -> int:
-    """Config generation for a device: 90 for compute capability >= 9.0, else 80."""
+    """Config generation for a device: 90 for compute capability >= 9.0, else 80.
+
+    Cached, and a constant for ``torch.compile`` (queried once at trace time, no graph break)."""
     major, _ = torch.cuda.get_device_capability(device)
     return 90 if major >= 9 else 80
 
 
 def lookup(arch: int, head_dim: int, dtype: torch.dtype) -> AttentionConfig:
     """Config for a GPU generation (80 or 90), head dim and input dtype."""
-    if dtype == torch.float32:
-        return _FP32_CONFIG
-    return _HALF_TABLE[(arch, padded_head_dim(head_dim))]
+    return _TABLE[(arch, padded_head_dim(head_dim), dtype == torch.float32)]
 
 
 def attention_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> AttentionConfig:

@@ -7,13 +7,16 @@ PARTIAL tiles first, their number, and the total number. Each program runs two l
 list: the partial tiles with per-element interval masking, then the full tiles with none. Empty
 tiles are never loaded.
 
-Numerics: scores are kept in log2 units (``qk_scale = scale * log2(e)``, ``exp2``); the forward
-saves ``lse2 = m + log2(l)`` per row (fp32, [B, Hq, Lq]); a row that sees no key gets output 0 and
+Numerics: every dot accumulates in fp32; fp16/bf16 inputs use tensor cores, fp32 inputs use
+Triton's default TF32 tensor-core dots (``TRITON_F32_DEFAULT=ieee`` gives exact fp32). Scores are
+kept in log2 units (``qk_scale = scale * log2(e)``, ``exp2``); the forward saves
+``lse2 = m + log2(l)`` per row (fp32, [B, Hq, Lq]); a row that sees no key gets output 0 and
 ``lse2 = +inf``, which makes every probability the backward recomputes for it exactly 0.
 
-Backward: ``delta = rowsum(dO * O)``; the dK/dV pass gives each program one key block of one kv head
-and loops over the query heads of its GQA group and their query blocks; the dQ pass gives each
-program one query block and loops over its key blocks. No atomics: results are deterministic.
+Backward: the dQ pass runs first (one program per query block, looping over its key blocks) and
+also writes ``delta = rowsum(dO * O)``; then the dK/dV pass (one program per key block of one kv
+head, looping over the query heads of its GQA group and their query blocks) reads it. No atomics:
+the gradients are deterministic.
 
 Layout: q/out/dq [B, Hq, Lq, D], k/v/dk/dv [B, Hkv, Lk, D], any strides with the last one 1 (so an
 SDPA view of a [B, L, H, D] tensor runs without a copy). Head dims that are not a power of two (80,
@@ -68,7 +71,6 @@ def _fwd_tiles(
     BLOCK_N: tl.constexpr,
     PARTIAL: tl.constexpr,
     PAD_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over the key blocks ``block_list[lo:hi]`` of one query block."""
     CHECK: tl.constexpr = PARTIAL or PAD_D
@@ -79,7 +81,7 @@ def _fwd_tiles(
         k_t = _load(
             k_base + cols[None, :] * stride_kn + offs_d[:, None], d_ok[:, None], col_ok[None, :], CHECK, 0.0
         )
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q, k_t) * qk_scale
         if PARTIAL:
             visible = (cols[None, :] >= row_start[:, None]) & (cols[None, :] < row_end[:, None])
             s = tl.where(visible, s, float("-inf"))
@@ -90,7 +92,7 @@ def _fwd_tiles(
         v = _load(
             v_base + cols[:, None] * stride_vn + offs_d[None, :], col_ok[:, None], d_ok[None, :], CHECK, 0.0
         )
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
 
@@ -131,7 +133,6 @@ def _fwd_kernel(
     PAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """One program: one query block of one (batch, query head); writes out and lse2."""
     qb = tl.program_id(0)
@@ -161,12 +162,12 @@ def _fwd_kernel(
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, block_list, 0, n_partial,
         row_start, row_end, offs_n, offs_d, d_ok, qk_scale, seq_k,
-        BLOCK_N, True, PAD_D, DOT_PRECISION,
+        BLOCK_N, True, PAD_D,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, block_list, n_partial, n_total,
         row_start, row_end, offs_n, offs_d, d_ok, qk_scale, seq_k,
-        BLOCK_N, False, PAD_D, DOT_PRECISION,
+        BLOCK_N, False, PAD_D,
     )  # fmt: skip
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -175,43 +176,6 @@ def _fwd_kernel(
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(Lse + (b * num_heads + h) * seq_q + offs_m, lse2, mask=row_ok)
-
-
-@triton.jit
-def _delta_kernel(
-    Out,
-    DOut,
-    Delta,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    num_heads,
-    seq_q,
-    head_dim,
-    BLOCK_D: tl.constexpr,
-    PAD_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in fp32."""
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m < seq_q)[:, None] & (offs_d < head_dim)[None, :]
-    o = tl.load(
-        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-        mask=ok,
-        other=0.0,
-    )
-    do_ptrs = DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :]
-    do = tl.load(do_ptrs, mask=ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + (b * num_heads + h) * seq_q + offs_m, delta, mask=offs_m < seq_q)
 
 
 @triton.jit
@@ -240,7 +204,6 @@ def _dkdv_tiles(
     BLOCK_M: tl.constexpr,
     PARTIAL: tl.constexpr,
     PAD_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dK (unscaled) and dV of one key block over the query blocks ``block_list[lo:hi]``."""
     CHECK: tl.constexpr = PARTIAL or PAD_D
@@ -252,7 +215,7 @@ def _dkdv_tiles(
             q_base + rows[None, :] * stride_qm + offs_d[:, None], d_ok[:, None], row_ok[None, :], CHECK, 0.0
         )
         lse2 = _load_rows(lse_base + rows, row_ok, PARTIAL, float("inf"))
-        p_t = tl.math.exp2(tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
+        p_t = tl.math.exp2(tl.dot(k, q_t) * qk_scale - lse2[None, :])
         if PARTIAL:
             row_start = tl.load(start_base + rows, mask=row_ok, other=0)
             row_end = tl.load(end_base + rows, mask=row_ok, other=0)
@@ -261,11 +224,11 @@ def _dkdv_tiles(
         do = _load(
             do_base + rows[:, None] * stride_dom + offs_d[None, :], row_ok[:, None], d_ok[None, :], CHECK, 0.0
         )
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        dp_t = tl.dot(v, tl.trans(do))
         delta = _load_rows(delta_base + rows, row_ok, PARTIAL, 0.0)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk)
     return dk, dv
 
 
@@ -315,7 +278,6 @@ def _dkdv_kernel(
     PAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """One program: one key block of one (batch, kv head); loops over the q heads of its group."""
     kb = tl.program_id(0)
@@ -356,12 +318,12 @@ def _dkdv_kernel(
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_base, end_base,
             stride_qm, stride_dom, block_list, 0, n_partial, cols, offs_m, offs_d, d_ok, qk_scale, seq_q,
-            BLOCK_M, True, PAD_D, DOT_PRECISION,
+            BLOCK_M, True, PAD_D,
         )  # fmt: skip
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_base, end_base,
             stride_qm, stride_dom, block_list, n_partial, n_total, cols, offs_m, offs_d, d_ok, qk_scale, seq_q,
-            BLOCK_M, False, PAD_D, DOT_PRECISION,
+            BLOCK_M, False, PAD_D,
         )  # fmt: skip
     dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :]
     dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :]
@@ -393,7 +355,6 @@ def _dq_tiles(
     BLOCK_N: tl.constexpr,
     PARTIAL: tl.constexpr,
     PAD_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dQ (unscaled) of one query block over the key blocks ``block_list[lo:hi]``."""
     CHECK: tl.constexpr = PARTIAL or PAD_D
@@ -407,13 +368,13 @@ def _dq_tiles(
         v_t = _load(
             v_base + cols[None, :] * stride_vn + offs_d[:, None], d_ok[:, None], col_ok[None, :], CHECK, 0.0
         )
-        p = tl.math.exp2(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
+        p = tl.math.exp2(tl.dot(q, k_t) * qk_scale - lse2[:, None])
         if PARTIAL:
             visible = (cols[None, :] >= row_start[:, None]) & (cols[None, :] < row_end[:, None])
             p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, v_t)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq)
     return dq
 
 
@@ -422,6 +383,7 @@ def _dq_kernel(
     Q,
     K,
     V,
+    Out,
     DOut,
     Lse,
     Delta,
@@ -440,6 +402,9 @@ def _dq_kernel(
     stride_vb,
     stride_vh,
     stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
     stride_dob,
     stride_doh,
     stride_dom,
@@ -459,9 +424,9 @@ def _dq_kernel(
     PAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
-    """One program: dQ of one query block of one (batch, query head)."""
+    """One program: dQ of one query block of one (batch, query head); also writes its rows of
+    delta = rowsum(dO * O), which the dK/dV pass (launched after this one) reads."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
@@ -482,7 +447,10 @@ def _dq_kernel(
     do = tl.load(do_ptrs, mask=tile_ok, other=0.0)
     row_base = (b * num_heads + h) * seq_q
     lse2 = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    o = tl.load(o_ptrs, mask=tile_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + row_base + offs_m, delta, mask=row_ok)
     row_start = tl.load(KvStart + b * seq_q + offs_m, mask=row_ok, other=0)
     row_end = tl.load(KvEnd + b * seq_q + offs_m, mask=row_ok, other=0)
     meta = b * num_q_blocks + qb
@@ -495,27 +463,21 @@ def _dq_kernel(
     dq = _dq_tiles(
         dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, block_list, 0, n_partial,
         row_start, row_end, offs_n, offs_d, d_ok, qk_scale, seq_k,
-        BLOCK_N, True, PAD_D, DOT_PRECISION,
+        BLOCK_N, True, PAD_D,
     )  # fmt: skip
     dq = _dq_tiles(
         dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, block_list, n_partial, n_total,
         row_start, row_end, offs_n, offs_d, d_ok, qk_scale, seq_k,
-        BLOCK_N, False, PAD_D, DOT_PRECISION,
+        BLOCK_N, False, PAD_D,
     )  # fmt: skip
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_ok)
 
 
 LOG2E = 1.4426950408889634
-DELTA_CONFIG = PassConfig(block_m=64, block_n=0, num_warps=4, num_stages=1)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 dots; fp16/bf16 use tensor cores with fp32 accumulation."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _constexprs(head_dim: int, dtype: torch.dtype, config: PassConfig) -> dict:
+def _constexprs(head_dim: int, config: PassConfig) -> dict:
     """Compile-time arguments of the forward, dK/dV and dQ kernels."""
     block_d = padded_head_dim(head_dim)
     return {
@@ -523,23 +485,16 @@ def _constexprs(head_dim: int, dtype: torch.dtype, config: PassConfig) -> dict:
         "PAD_D": block_d != head_dim,
         "BLOCK_M": config.block_m,
         "BLOCK_N": config.block_n,
-        "DOT_PRECISION": dot_precision(dtype),
     }
 
 
-def _delta_constexprs(head_dim: int) -> dict:
-    block_d = padded_head_dim(head_dim)
-    return {"BLOCK_D": block_d, "PAD_D": block_d != head_dim, "BLOCK_M": DELTA_CONFIG.block_m}
-
-
-def kernel_launches(head_dim: int, dtype: torch.dtype, config: AttentionConfig) -> list[tuple]:
-    """Every kernel a forward + backward with this head dim, dtype and config launches, as
+def kernel_launches(head_dim: int, config: AttentionConfig) -> list[tuple]:
+    """Every kernel a forward + backward with this head dim and config launches, as
     (name, jit function, constexpr arguments, PassConfig); used by the ahead-of-time compile check."""
     return [
-        ("forward", _fwd_kernel, _constexprs(head_dim, dtype, config.forward), config.forward),
-        ("delta", _delta_kernel, _delta_constexprs(head_dim), DELTA_CONFIG),
-        ("dkdv", _dkdv_kernel, _constexprs(head_dim, dtype, config.dkdv), config.dkdv),
-        ("dq", _dq_kernel, _constexprs(head_dim, dtype, config.dq), config.dq),
+        ("forward", _fwd_kernel, _constexprs(head_dim, config.forward), config.forward),
+        ("dkdv", _dkdv_kernel, _constexprs(head_dim, config.dkdv), config.dkdv),
+        ("dq", _dq_kernel, _constexprs(head_dim, config.dq), config.dq),
     ]
 
 
@@ -584,20 +539,9 @@ def attention_forward(
         q, k, v, out, lse2, kv_start, kv_end, blocks, partial, total,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
         heads, heads // k.shape[1], seq_q, seq_k, blocks.shape[1], blocks.shape[2], scale * LOG2E, head_dim,
-        **_constexprs(head_dim, q.dtype, config), **_launch_options(config),
+        **_constexprs(head_dim, config), **_launch_options(config),
     )  # fmt: skip
     return out, lse2
-
-
-def _delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
-    """fp32 [B, Hq, Lq]: rowsum(dout * out)."""
-    batch, heads, seq_q, head_dim = out.shape
-    delta = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=out.device)
-    _delta_kernel[(triton.cdiv(seq_q, DELTA_CONFIG.block_m), batch * heads)](
-        out, dout, delta, *_strides3(out), *_strides3(dout), heads, seq_q, head_dim,
-        **_delta_constexprs(head_dim), **_launch_options(DELTA_CONFIG),
-    )  # fmt: skip
-    return delta
 
 
 def attention_backward(
@@ -615,7 +559,7 @@ def attention_backward(
     dq_config: PassConfig,
     dkdv_config: PassConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward (delta, then the dK/dV pass and the dQ pass).
+    """Launch the backward: the dQ pass (which also writes delta), then the dK/dV pass.
 
     Args:
         dout, q, out: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D]; one float dtype, last stride 1.
@@ -632,20 +576,20 @@ def attention_backward(
     batch, heads, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     group = heads // heads_kv
-    delta = _delta(out, dout)
+    delta = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    kv_lists, kv_partial, kv_total = dq_schedule
+    _dq_kernel[(kv_lists.shape[1], batch * heads)](
+        q, k, v, out, dout, lse2, delta, dq, kv_start, kv_end, kv_lists, kv_partial, kv_total,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *_strides3(dout), *_strides3(dq),
+        heads, group, seq_q, seq_k, kv_lists.shape[1], kv_lists.shape[2], scale, scale * LOG2E, head_dim,
+        **_constexprs(head_dim, dq_config), **_launch_options(dq_config),
+    )  # fmt: skip
     q_lists, q_partial, q_total = dkdv_schedule
     _dkdv_kernel[(q_lists.shape[1], batch * heads_kv)](
         q, k, v, dout, lse2, delta, dk, dv, kv_start, kv_end, q_lists, q_partial, q_total,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk), *_strides3(dv),
         heads_kv, group, seq_q, seq_k, q_lists.shape[2], q_lists.shape[1], scale, scale * LOG2E, head_dim,
-        **_constexprs(head_dim, q.dtype, dkdv_config), **_launch_options(dkdv_config),
-    )  # fmt: skip
-    kv_lists, kv_partial, kv_total = dq_schedule
-    _dq_kernel[(kv_lists.shape[1], batch * heads)](
-        q, k, v, dout, lse2, delta, dq, kv_start, kv_end, kv_lists, kv_partial, kv_total,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq),
-        heads, group, seq_q, seq_k, kv_lists.shape[1], kv_lists.shape[2], scale, scale * LOG2E, head_dim,
-        **_constexprs(head_dim, q.dtype, dq_config), **_launch_options(dq_config),
+        **_constexprs(head_dim, dkdv_config), **_launch_options(dkdv_config),
     )  # fmt: skip
     return dq, dk, dv

@@ -18,7 +18,8 @@ pytest.importorskip("triton")
 triton_attention = pytest.importorskip("croc.ops.triton_attention")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOLERANCE = {torch.float32: 2e-4, torch.float16: 2e-2}
+# fp32 runs TF32 dots on a GPU (exact fp32 in the interpreter); relative to max(1, max |reference|)
+TOLERANCE = {torch.float32: 5e-3 if DEVICE == "cuda" else 2e-4, torch.float16: 2e-2}
 
 
 def _layout_mask(builder: str, batch: int, seq_len: int, seed: int) -> croc.MixedMask:
