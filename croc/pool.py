@@ -4,17 +4,18 @@
 ``new_tokens, cols = pool(tokens, replace_mask)`` replaces the selected visual tokens of every
 image by pool tokens, assigned one-to-one by the Hungarian algorithm on the L2 distance between
 the L2-normalised selected tokens and the pool tokens (or each to its nearest pool token). The
-whole batch is handled at once; the assignment runs under ``torch.no_grad`` (it is not
-differentiated) and the gradient reaches the pool through the gathered replacement tokens.
+whole batch is handled at once (one batched :func:`croc.linear_sum_assignment` call: the CUDA
+kernel for CUDA tensors, the C++ solver on the CPU); the assignment runs under ``torch.no_grad``
+(it is not differentiated) and the gradient reaches the pool through the gathered replacement tokens.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment as _scipy_linear_sum_assignment
 from torch import nn
+
+from croc.assignment import linear_sum_assignment
 
 __all__ = ["PromptTokenPool", "random_replace_mask"]
 
@@ -51,22 +52,6 @@ def random_replace_mask(
     picked = noise.argsort(dim=1)[:, :count]
     mask = torch.zeros(batch, num_tokens, dtype=torch.bool, device=noise.device)
     return mask.scatter_(1, picked, True)
-
-
-def _assign_one_to_one(cost: torch.Tensor) -> torch.Tensor:
-    """int64 [B, n]: the column given to each row of float cost [B, n, m] (n <= m), minimum total.
-
-    Uses ``croc.linear_sum_assignment`` when the package provides it, scipy otherwise.
-    """
-    import croc
-
-    if cost.shape[0] == 0 or cost.shape[1] == 0:
-        return torch.zeros(cost.shape[:2], dtype=torch.int64, device=cost.device)
-    if hasattr(croc, "linear_sum_assignment"):
-        return croc.linear_sum_assignment(cost)
-    host = cost.detach().to("cpu", torch.float64).numpy()
-    cols = np.stack([_scipy_linear_sum_assignment(one)[1] for one in host])
-    return torch.from_numpy(cols).to(device=cost.device, dtype=torch.int64)
 
 
 def _check_inputs(tokens: torch.Tensor, replace_mask: torch.Tensor, dim: int) -> None:
@@ -143,7 +128,7 @@ class PromptTokenPool(nn.Module):
             cost = self.cost(selected)
             if self.assignment == "nearest":
                 return cost.argmin(dim=-1)
-            return _assign_one_to_one(cost)
+            return linear_sum_assignment(cost)
 
     def forward(
         self, tokens: torch.Tensor, replace_mask: torch.Tensor, num_replaced: int | None = None
