@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mask_cases import croc_layout, random_layout
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import croc
 from croc.ops.reference_attention import reference_mixed_attention
@@ -110,7 +111,7 @@ def test_memory_is_flash_like_no_quadratic_buffer():
     croc.mixed_attention(q, k, v, mask)  # compile the kernels; the mask's block metadata is cached per batch
 
     def sdpa_causal(*qkv):
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(*qkv, is_causal=True)
 
     ours = _peak_fwd_bwd_bytes(lambda *qkv: croc.mixed_attention(*qkv, mask), q, k, v, dout)

@@ -169,7 +169,7 @@ def test_torch_compile_fullgraph(warm_cache):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_schedule_lists_partial_tiles_first():
+def test_schedule_lists_partial_and_overhanging_tiles_first():
     mask = _layout_mask("spans", batch=3, seq_len=70, seed=9)
     meta = mask.block_metadata(16, 16)
     for blocks, partial, total, ascending, kind in (
@@ -194,6 +194,11 @@ def test_schedule_lists_partial_tiles_first():
             assert sorted(listed.tolist()) == ascending[b, row, :n_total].tolist()
             kinds = kind[b, row, listed.long()]
             assert (kinds[n_partial:] == 2).all() and (kinds != 0).all()
+            last_row, last_other = blocks.shape[1] - 1, blocks.shape[2] - 1  # 70 = 4 * 16 + 6: both overhang
+            assert row == last_row or last_other not in listed[n_partial:].tolist(), (
+                "overhanging tile unmasked"
+            )
+            assert row != last_row or n_partial == n_total
 
 
 def test_unsupported_head_dim_is_a_value_error():
