@@ -5,13 +5,14 @@
 // shared memory, and thread 0 runs the serial parts (settle, claim, augment). lsap_harness.cpp runs
 // the same phases in the same order on the host.
 //
-// Needs only the CUDA runtime (no torch headers), so tests/test_cuda_compile.py compiles it for
-// sm_80 and sm_90 quickly on machines without a GPU; lsap_cuda.cu holds the torch glue.
+// Needs only the CUDA runtime (no torch headers): lsap_cuda.cu instantiates it, and
+// tests/test_cuda_compile.py compiles that for sm_80 and sm_90 on machines without a GPU.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include "lsap_core.h"
+#include "lsap_launch.h"
 
 namespace croc_lsap {
 namespace cuda {
@@ -41,15 +42,6 @@ __device__ __forceinline__ Candidate block_best(Candidate c, Candidate* partial)
   __syncthreads();
   if (warp == 0) c = warp_best(lane < kWarps ? partial[lane] : no_candidate());
   return c;
-}
-
-// Bytes of global workspace one problem needs, a multiple of 16.
-__host__ __device__ inline int64_t workspace_bytes(int n, int m) {
-  const int64_t doubles = static_cast<int64_t>(n) + 5 * static_cast<int64_t>(m);
-  const int64_t candidates = n;
-  const int64_t ints = 3 * static_cast<int64_t>(m) + n;
-  const int64_t bytes = doubles * 8 + candidates * static_cast<int64_t>(sizeof(Candidate)) + ints * 4;
-  return (bytes + 15) / 16 * 16;
 }
 
 // Carves one problem's arrays out of its workspace: the Workspace, col_min [m], row_min [n].
@@ -158,8 +150,6 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) status[b] = result;
 }
 
-// Launches the solver for `batch` problems of shape [n, m] stored contiguously in `cost`.
-// out: int64 [batch, n]; status: int32 [batch]; workspace: batch * workspace_bytes(n, m) bytes.
 template <typename T>
 cudaError_t launch(const T* cost, int64_t batch, int n, int m, bool maximize, int64_t* out, int32_t* status,
                    unsigned char* workspace, cudaStream_t stream) {
