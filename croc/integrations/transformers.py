@@ -178,7 +178,7 @@ def croc_mixed_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: MixedMask | torch.Tensor | None,
+    attention_mask: CausalPaddingMask | torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
     croc_mask: MixedMask | None = None,
