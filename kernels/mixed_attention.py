@@ -135,7 +135,7 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """One program: one query block of one (batch, query head); writes out and lse2."""
-    qb = tl.program_id(0)
+    qb = tl.num_programs(0) - 1 - tl.program_id(0)  # late query blocks see more keys: start them first
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
@@ -427,7 +427,7 @@ def _dq_kernel(
 ):
     """One program: dQ of one query block of one (batch, query head); also writes its rows of
     delta = rowsum(dO * O), which the dK/dV pass (launched after this one) reads."""
-    qb = tl.program_id(0)
+    qb = tl.num_programs(0) - 1 - tl.program_id(0)  # late query blocks see more keys: start them first
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
