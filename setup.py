@@ -36,6 +36,14 @@ def _cuda_toolkit_available() -> bool:
     return torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc"))
 
 
+def _cxx_std() -> str:
+    """torch >= 2.13 headers need C++20 (std::strong_ordering, requires); older ones build as C++17."""
+    import torch
+
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 13) else "-std=c++17"
+
+
 def _extensions() -> tuple[list, dict]:
     """Return (ext_modules, cmdclass) for the assignment extension, or nothing if it cannot build."""
     if _flag("CROC_SKIP_EXT_BUILD"):
@@ -48,7 +56,7 @@ def _extensions() -> tuple[list, dict]:
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not cpp_sources:
         return [], {}
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", _cxx_std(), "-fopenmp"]
     link_flags = ["-fopenmp"]
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     if cuda_sources and _cuda_toolkit_available():
@@ -59,7 +67,7 @@ def _extensions() -> tuple[list, dict]:
             cpp_sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("CROC_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", _cxx_std(), "-lineinfo"]},
             extra_link_args=link_flags,
         )
     else:

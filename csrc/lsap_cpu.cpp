@@ -353,7 +353,9 @@ void solve_batch(const at::Tensor& cost, bool maximize, at::Tensor& out, at::Ten
   int64_t* cols = out.data_ptr<int64_t>();
   int32_t* st = status.data_ptr<int32_t>();
   const double sign = maximize ? -1.0 : 1.0;
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  // Problems of under ~2^20 entries are grouped so that tiny batches skip the thread pool's wake-up.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, int64_t{n} * m));
+  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const CostView<T> view{data + b * static_cast<int64_t>(n) * m, m, sign};
       st[b] = solve_problem(view, n, m, cols + b * n);
