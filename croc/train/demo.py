@@ -163,16 +163,8 @@ def _write_samples(path: Path, generated, metrics: dict) -> None:
     path.write_text("\n".join(lines))
 
 
-def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict:
-    """Train the three stages on the synthetic default, evaluate, write the three files; return metrics."""
-    recipe = DemoRecipe.quick() if quick else DemoRecipe()
-    out = Path(out_dir)
-    set_seed(0)
-    tokenizer = build_synthetic_tokenizer()
-    image_processor = build_image_processor(recipe.image_size)
-    model = _build_model(recipe, tokenizer)
-    n_image = num_image_tokens(model.config)
-    image_token = model.config.image_token_id
+def _write_data(out: Path, recipe: DemoRecipe) -> dict[str, Path]:
+    """The demo's LLaVA JSON files (train captions, train chat, held-out eval, held-out captions)."""
     data = {
         kind: write_synthetic_dataset(out / "data" / kind, count, seed, kind, recipe.image_size)
         for kind, count, seed in (
@@ -181,53 +173,8 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict:
             ("eval", recipe.eval_images, 3),
         )
     }
-
-    def dataset(kind: str, template: str) -> LlavaJsonDataset:
-        return LlavaJsonDataset(
-            data[kind], data[kind].parent / "images", tokenizer, image_processor, template,
-            image_token, n_image, recipe.max_length, verify_images=True, cache_images=True,
-        )  # fmt: skip
-
-    metrics: dict = {"stages": {}}
-    histories = {}
-    for stage in recipe.stages:
-        collator = LlavaCollator(tokenizer.pad_token_id, packing=stage.packing, max_length=recipe.max_length)
-        print(f"croc demo: stage {stage.name} ({stage.steps} steps, {stage.template} template)", flush=True)
-        start = time.perf_counter()
-        trainer = train_stage(
-            model,
-            stage.name,
-            dataset(stage.data, stage.template),
-            collator,
-            _training_args(out, stage, recipe),
-            progress=_BarOnlyProgress(),
-        )
-        histories[stage.name] = trainer.state.log_history
-        metrics["stages"][stage.name] = _stage_metrics(
-            trainer.state.log_history, time.perf_counter() - start, stage.steps
-        )
     data["eval_caption"] = _first_turn_only(data["eval"])
-    qa = answer_all(
-        model, tokenizer, dataset("eval", "vicuna"), json.loads(data["eval"].read_text()), n_image,
-        max_new_tokens=4, skip_questions=CAPTION_PROMPTS,
-    )  # fmt: skip
-    caption_set = dataset("eval_caption", "vicuna")
-    collator = LlavaCollator(tokenizer.pad_token_id)
-    metrics["eval"] = {
-        "caption_token_accuracy": round(caption_token_accuracy(model, caption_set, collator), 4),
-        "blind_caption_token_accuracy": round(
-            caption_token_accuracy(model, caption_set, collator, blind=True), 4
-        ),
-        "qa_accuracy": round(exact_match(qa), 4),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _plot_losses(histories, out / "loss.png")
-    eval_records = json.loads(data["eval"].read_text())[: recipe.sample_images]
-    eval_set = dataset("eval", "vicuna")
-    samples = answer_all(model, tokenizer, eval_set, eval_records, n_image, max_new_tokens=48)
-    _write_samples(out / "samples.md", samples, metrics)
-    return metrics
+    return data
 
 
 def _first_turn_only(json_path: Path) -> Path:
@@ -238,3 +185,76 @@ def _first_turn_only(json_path: Path) -> Path:
     path = json_path.parent / "captions.json"
     path.write_text(json.dumps(records, indent=1))
     return path
+
+
+def _train_stages(model, recipe: DemoRecipe, datasets, pad_token_id: int, out: Path):
+    """Train every stage in turn; returns (metrics per stage, log history per stage)."""
+    metrics, histories = {}, {}
+    for stage in recipe.stages:
+        collator = LlavaCollator(pad_token_id, packing=stage.packing, max_length=recipe.max_length)
+        print(f"croc demo: stage {stage.name} ({stage.steps} steps, {stage.template} template)", flush=True)
+        start = time.perf_counter()
+        trainer = train_stage(
+            model,
+            stage.name,
+            datasets(stage.data, stage.template),
+            collator,
+            _training_args(out / "trainer", stage, recipe),
+            progress=_BarOnlyProgress(),
+        )
+        histories[stage.name] = trainer.state.log_history
+        metrics[stage.name] = _stage_metrics(histories[stage.name], time.perf_counter() - start, stage.steps)
+    return metrics, histories
+
+
+def _evaluate(model, tokenizer, eval_set, eval_records, caption_set, n_image: int) -> dict:
+    """The ``eval`` block of metrics.json (see the module docstring)."""
+    print("croc demo: evaluating on held-out images", flush=True)
+    qa = answer_all(
+        model, tokenizer, eval_set, eval_records, n_image, max_new_tokens=4, skip_questions=CAPTION_PROMPTS
+    )
+    collator = LlavaCollator(tokenizer.pad_token_id)
+    seeing = caption_token_accuracy(model, caption_set, collator)
+    blind = caption_token_accuracy(model, caption_set, collator, blind=True)
+    return {
+        "caption_token_accuracy": round(seeing, 4),
+        "blind_caption_token_accuracy": round(blind, 4),
+        "qa_accuracy": round(exact_match(qa), 4),
+    }
+
+
+def run_demo(
+    out_dir: str | Path = "runs/demo", quick: bool = False, recipe: DemoRecipe | None = None
+) -> dict:
+    """Train the three stages on the synthetic default, evaluate, write the three files; return metrics.
+
+    ``recipe`` overrides the sizes (default ``DemoRecipe()``, or ``DemoRecipe.quick()`` with ``quick``).
+    """
+    recipe = recipe or (DemoRecipe.quick() if quick else DemoRecipe())
+    out = Path(out_dir)
+    set_seed(0)
+    tokenizer = build_synthetic_tokenizer()
+    image_processor = build_image_processor(recipe.image_size)
+    model = _build_model(recipe, tokenizer)
+    n_image = num_image_tokens(model.config)
+    data = _write_data(out, recipe)
+
+    def datasets(kind: str, template: str) -> LlavaJsonDataset:
+        return LlavaJsonDataset(
+            data[kind], data[kind].parent / "images", tokenizer, image_processor, template,
+            model.config.image_token_id, n_image, recipe.max_length, cache_images=True,
+        )  # fmt: skip
+
+    stage_metrics, histories = _train_stages(model, recipe, datasets, tokenizer.pad_token_id, out)
+    eval_set, eval_records = datasets("eval", "vicuna"), json.loads(data["eval"].read_text())
+    metrics = {
+        "stages": stage_metrics,
+        "eval": _evaluate(
+            model, tokenizer, eval_set, eval_records, datasets("eval_caption", "vicuna"), n_image
+        ),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _plot_losses(histories, out / "loss.png")
+    shown = eval_records[: recipe.sample_images]
+    _write_samples(out / "samples.md", answer_all(model, tokenizer, eval_set, shown, n_image, 48), metrics)
+    return metrics
