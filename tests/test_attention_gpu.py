@@ -92,6 +92,18 @@ def test_backward_is_deterministic_on_gpu():
         assert torch.equal(a, b)
 
 
+def test_public_path_has_no_host_sync():
+    mask = _mask("croc", 2, 2048)  # built (and validated) before the check; its block metadata is not
+    q, k, v, dout = (torch.randn(2, 4, 2048, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):  # cold (metadata computed and cached on the mask), then warm
+            _fwd_bwd(q, k, v, dout, lambda *qkv: croc.mixed_attention(*qkv, mask))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def _peak_fwd_bwd_bytes(fn, q, k, v, dout) -> int:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()

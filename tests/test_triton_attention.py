@@ -16,6 +16,7 @@ import croc
 
 pytest.importorskip("triton")
 triton_attention = pytest.importorskip("croc.ops.triton_attention")
+kernels = pytest.importorskip("croc.kernels")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 runs TF32 dots on a GPU (exact fp32 in the interpreter); relative to max(1, max |reference|)
@@ -167,6 +168,44 @@ def test_torch_compile_fullgraph(warm_cache):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake functions, autograd registration and AOT dispatch of both custom ops."""
+    mask = _layout_mask("spans", batch=1, seq_len=20, seed=4)
+    q, k, v, dout = _inputs(1, 2, 1, 20, 20, 64, torch.float32, seed=4)
+    config = kernels.attention_config(64, q.dtype, q.device)
+    fwd, dq, dkdv = (
+        mask.block_metadata(c.block_m, c.block_n) for c in (config.forward, config.dq, config.dkdv)
+    )
+    rows = lambda m: (m.kv_blocks_partial_first, m.kv_partial_count, m.kv_block_count)  # noqa: E731
+    columns = (dkdv.q_blocks_partial_first, dkdv.q_partial_count, dkdv.q_block_count)
+    intervals = (mask.kv_start, mask.kv_end)
+    fwd_args = (
+        q.requires_grad_(),
+        k.requires_grad_(),
+        v.requires_grad_(),
+        *intervals,
+        *rows(fwd),
+        *rows(dq),
+        *columns,
+        0.125,
+    )
+    torch.library.opcheck(torch.ops.croc.mixed_attention_fwd.default, fwd_args)
+    out, lse2 = torch.ops.croc.mixed_attention_fwd(*fwd_args)
+    bwd_args = (
+        dout,
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        out.detach(),
+        lse2.detach(),
+        *intervals,
+        *rows(dq),
+        *columns,
+        0.125,
+    )
+    torch.library.opcheck(torch.ops.croc.mixed_attention_bwd.default, bwd_args)
 
 
 def test_schedule_lists_partial_and_overhanging_tiles_first():
