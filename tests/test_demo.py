@@ -25,7 +25,7 @@ def test_quick_demo_writes_the_three_files(tmp_path, capsys):
     assert list(metrics["stages"]) == ["projector", "croc", "finetune"]
     for stage in metrics["stages"].values():
         assert set(stage) == STAGE_KEYS
-        assert stage["steps"] == 3 and stage["seconds"] > 0
+        assert stage["steps"] == 2 and stage["seconds"] > 0
         assert math.isfinite(stage["loss_first"]) and math.isfinite(stage["loss_last"])
     assert set(metrics["eval"]) == EVAL_KEYS
     assert all(0.0 <= value <= 1.0 for value in metrics["eval"].values())

@@ -140,7 +140,7 @@ class _KillAfterCheckpoint(TrainerCallback):
 
 def test_resume_from_checkpoint_continues_exactly(setup, tmp_path):
     _, _, tokenizer, _ = setup
-    steps = 6
+    steps = 4
 
     def run(out, callbacks=None, resume=None):
         model = _model(tokenizer, seed=1)

@@ -60,12 +60,12 @@ class DemoRecipe:
     @classmethod
     def quick(cls) -> DemoRecipe:
         return cls(
-            train_images=64,
-            eval_images=8,
+            train_images=32,
+            eval_images=6,
             sample_images=2,
-            batch_size=8,
+            batch_size=4,
             stages=tuple(
-                StageRecipe(s.name, s.data, s.template, 3, s.learning_rate, s.packing) for s in cls.stages
+                StageRecipe(s.name, s.data, s.template, 2, s.learning_rate, s.packing) for s in cls.stages
             ),
         )
 
