@@ -170,6 +170,22 @@ def test_torch_compile_fullgraph(warm_cache):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_takes_a_new_mask_each_step_without_recompiling():
+    def layer(q, k, v, mask):
+        return croc.mixed_attention(q, k, v, mask, backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
+    q, k, v, _ = _inputs(2, 2, 2, 24, 24, 64, torch.float32, seed=8)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(3):  # a fresh mask (empty metadata cache) per step, as in training
+            mask = _layout_mask("spans", batch=2, seq_len=24, seed=seed)
+            want = croc.mixed_attention(q, k, v, mask, backend="reference")
+            torch.testing.assert_close(
+                compiled(q, k, v, mask), want, rtol=1e-5, atol=TOLERANCE[torch.float32]
+            )
+
+
 def test_custom_ops_pass_opcheck():
     """Schema, fake functions, autograd registration and AOT dispatch of both custom ops."""
     mask = _layout_mask("spans", batch=1, seq_len=20, seed=4)
