@@ -2,10 +2,10 @@
 // parallel on torch's thread pool, each one on one thread with the core of lsap_core.h (the
 // Dijkstra step has a vectorised equivalent here, relax_row).
 //
-// One vectorised pass over a problem (survey) finds every row's minimum, every column's minimum
-// and any NaN/-inf entry. If the greedy start would assign at least half of the rows, the
+// One vectorised pass over a problem (survey) finds every row's minimum and any NaN/-inf entry. If the greedy start would assign at least half of the rows, the
 // searches are short and the whole matrix is solved directly. Otherwise the rows compete for the
-// same cheap columns (the raw-pool case of the Croc stage) and column pruning pays off, exactly:
+// same cheap columns (the raw-pool case of the Croc stage); a second pass takes the column minima
+// (for the warm start of lsap_core.h) and column pruning pays off, exactly:
 // the solver works on a candidate set S (the rows' cheapest columns, topped up with the columns of
 // smallest column minimum until S holds n + n/2 columns), copied into a dense double matrix. The
 // duals found on S, extended with v = 0 outside S, satisfy every invariant of lsap_core.h on the
@@ -72,62 +72,84 @@ struct Scratch {
 // What one pass over a problem learns.
 struct Survey {
   std::vector<Candidate> row_min;  // [n] each row's cheapest column (ties to the smaller index)
-  std::vector<double> col_min;     // [m] each column's minimum
+  std::vector<double> col_min;     // [m] each column's minimum (filled for hard problems only)
   bool invalid = false;            // NaN, or -inf after the sign
 };
 
-// Folds one row into col_min and returns its cheapest column; sets *invalid on NaN or -inf.
+// Returns the cheapest column of one row (sign applied, ties to the smaller index); sets *invalid
+// on NaN or -inf. Works in the input precision (8 float or 4 double lanes): negation and the
+// comparisons are exact, and widening to double keeps the order.
 template <typename T>
-__attribute__((always_inline)) inline Candidate survey_row_body(const T* __restrict row, double sign, int m,
-                                                                double* __restrict col_min, bool* invalid) {
-  const Double4 sign4 = {sign, sign, sign, sign};
-  const Double4 minus_inf = -Double4{infinity(), infinity(), infinity(), infinity()};
-  Double4 best4 = {infinity(), infinity(), infinity(), infinity()};
-  Mask4 best_col4 = {-1, -1, -1, -1};
-  Mask4 col4 = {0, 1, 2, 3};
-  const Mask4 step = {4, 4, 4, 4};
-  Mask4 bad = {0, 0, 0, 0};
+__attribute__((always_inline)) inline Candidate survey_row_body(const T* __restrict row, T sign, int m,
+                                                                bool* invalid) {
+  typedef T Vec __attribute__((vector_size(32)));
+  using Mask = decltype(Vec{} < Vec{});
+  constexpr int kLanes = 32 / sizeof(T);
+  const T inf = static_cast<T>(infinity());
+  Vec best, minus_inf;
+  Mask best_col, col, step, bad = Mask{} == 1;
+  for (int k = 0; k < kLanes; ++k) {
+    best[k] = inf;
+    minus_inf[k] = -inf;
+    best_col[k] = -1;
+    col[k] = k;
+    step[k] = kLanes;
+  }
   int j = 0;
-  for (; j + 4 <= m; j += 4, col4 += step) {
-    Double4 c, cm;
-    load_costs(row + j, sign4, c);
-    std::memcpy(&cm, col_min + j, sizeof(cm));
+  for (; j + kLanes <= m; j += kLanes, col += step) {
+    Vec c;
+    std::memcpy(&c, row + j, sizeof(c));
+    c = c * sign;
     bad |= (c != c) | (c == minus_inf);
-    cm = c < cm ? c : cm;
-    std::memcpy(col_min + j, &cm, sizeof(cm));
-    const Mask4 take = c < best4;
-    best4 = take ? c : best4;
-    best_col4 = take ? col4 : best_col4;
+    const Mask take = c < best;
+    best = take ? c : best;
+    best_col = take ? col : best_col;
   }
-  Candidate best = no_candidate();
-  for (int k = 0; k < 4; ++k)
-    if (best_col4[k] >= 0) best = best_of(best, Candidate{best4[k], 0, static_cast<int32_t>(best_col4[k])});
-  *invalid = *invalid || (bad[0] | bad[1] | bad[2] | bad[3]) != 0;
+  Candidate result = no_candidate();
+  bool any_bad = false;
+  for (int k = 0; k < kLanes; ++k) {
+    any_bad = any_bad || bad[k] != 0;
+    if (best_col[k] >= 0)
+      result = best_of(result, Candidate{static_cast<double>(best[k]), 0, static_cast<int32_t>(best_col[k])});
+  }
   for (; j < m; ++j) {
-    const double c = sign * static_cast<double>(row[j]);
-    *invalid = *invalid || c != c || c == -infinity();
-    col_min[j] = std::min(col_min[j], c);
-    best = best_of(best, Candidate{c, 0, j});
+    const T c = row[j] * sign;
+    any_bad = any_bad || c != c || c == -inf;
+    result = best_of(result, Candidate{static_cast<double>(c), 0, j});
   }
-  if (best.col == INT32_MAX) best.col = 0;  // a row of +inf: any column, the search reports it
-  return best;
+  *invalid = *invalid || any_bad;
+  if (result.col == INT32_MAX) result.col = 0;  // a row of +inf: any column, the search reports it
+  return result;
 }
 
-CROC_SIMD_CLONES Candidate survey_row(const float* row, double sign, int m, double* col_min, bool* invalid) {
-  return survey_row_body(row, sign, m, col_min, invalid);
+CROC_SIMD_CLONES Candidate survey_row(const float* row, double sign, int m, bool* invalid) {
+  return survey_row_body(row, static_cast<float>(sign), m, invalid);
 }
 
-CROC_SIMD_CLONES Candidate survey_row(const double* row, double sign, int m, double* col_min, bool* invalid) {
-  return survey_row_body(row, sign, m, col_min, invalid);
+CROC_SIMD_CLONES Candidate survey_row(const double* row, double sign, int m, bool* invalid) {
+  return survey_row_body(row, sign, m, invalid);
 }
 
 template <typename T>
 void survey(const CostView<T>& cost, int n, int m, Survey& s) {
   s.row_min.resize(n);
-  s.col_min.assign(m, infinity());
+  s.col_min.clear();
   s.invalid = false;
-  for (int i = 0; i < n; ++i)
-    s.row_min[i] = survey_row(cost.data + i * cost.stride, cost.sign, m, s.col_min.data(), &s.invalid);
+  for (int i = 0; i < n; ++i) s.row_min[i] = survey_row(cost.data + i * cost.stride, cost.sign, m, &s.invalid);
+}
+
+// Fills s.col_min (only the hard problems need it).
+template <typename T>
+void column_minima(const CostView<T>& cost, int n, int m, Survey& s) {
+  s.col_min.assign(m, infinity());
+  double* __restrict col_min = s.col_min.data();
+  for (int i = 0; i < n; ++i) {
+    const T* __restrict row = cost.data + i * cost.stride;
+    for (int j = 0; j < m; ++j) {
+      const double c = cost.sign * static_cast<double>(row[j]);
+      col_min[j] = c < col_min[j] ? c : col_min[j];
+    }
+  }
 }
 
 // Rows the greedy start from v = 0 assigns: each row's cheapest column, first come first served.
@@ -337,6 +359,7 @@ Status solve_problem(const CostView<T>& cost, int n, int m, int64_t* out) {
   survey(cost, n, m, s);
   if (s.invalid) return kInvalidEntry;
   if (2 * greedy_count(s, m) < n) {
+    column_minima(cost, n, m, s);
     std::vector<uint8_t> in_set = candidate_columns(s, m, std::min(m, n + n / 2));
     const int size = static_cast<int>(std::count(in_set.begin(), in_set.end(), 1));
     if (4 * size < 3 * m && solve_pruned(cost, s, n, m, in_set, scratch, out) == kOk) return kOk;
