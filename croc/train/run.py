@@ -183,6 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     args, training_args = parser.parse_args_into_dataclasses(args=_resolve_deepspeed_flag(argv))
     if args.stage not in STAGES:
         parser.error(f"--stage must be one of {STAGES}, got {args.stage!r}")
+    if training_args.deepspeed:
+        import deepspeed
+
+        # ZeRO-3 partitions the weights while they load, so DeepSpeed must know the world size first
+        deepspeed.init_distributed(dist_backend=training_args.ddp_backend)
     model, tokenizer, image_processor = _load(args, training_args)
     dataset = build_dataset(args, tokenizer, image_processor, model.config)
     packing = args.stage == "croc" if args.packing is None else args.packing
