@@ -1,5 +1,5 @@
 // CPU implementation of croc::linear_sum_assignment: the problems of a batch are solved in
-// parallel on torch's thread pool, each one on one thread with the core of lsap_core.h (the
+// parallel on torch's threads (see WorkQueue), each one on one thread with the core of lsap_core.h (the
 // Dijkstra step has a vectorised equivalent here, relax_row).
 //
 // One vectorised pass over a problem (survey) finds every row's minimum and any NaN/-inf entry. If the greedy start would assign at least half of the rows, the
@@ -15,7 +15,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -367,6 +372,40 @@ Status solve_problem(const CostView<T>& cost, int n, int m, int64_t* out) {
   return solve_full(cost, s, n, m, scratch, out);
 }
 
+// Problems handed out one at a time from a shared counter. The calling thread takes part, and
+// waits only for problems that another thread has claimed: a helper that is slow to wake up
+// (a busy machine) finds the counter exhausted and leaves, instead of the whole batch waiting at
+// a join barrier for it, which made two threads slower than one on our loaded 2-core machines
+// with at::parallel_for. The state lives in a shared_ptr so a late helper never touches freed memory.
+struct WorkQueue {
+  explicit WorkQueue(int64_t size, std::function<void(int64_t)> solve) : size(size), solve(std::move(solve)) {}
+
+  // Solves problems until none is left; returns after notifying if it finished the last one.
+  void drain() {
+    for (int64_t b = next.fetch_add(1); b < size; b = next.fetch_add(1)) {
+      solve(b);
+      if (finished.fetch_add(1) + 1 == size) {
+        const std::lock_guard<std::mutex> lock(mutex);
+        all_done.notify_all();
+      }
+    }
+  }
+
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex);
+    all_done.wait(lock, [this] { return finished.load() == size; });
+  }
+
+  const int64_t size;
+  const std::function<void(int64_t)> solve;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> finished{0};
+  std::mutex mutex;
+  std::condition_variable all_done;
+};
+
+// Solves every problem of the batch, on up to at::get_num_threads() threads (helpers come from
+// torch's inter-op thread pool). Batches of under ~2^20 cost entries run on the calling thread.
 template <typename T>
 void solve_batch(const at::Tensor& cost, bool maximize, at::Tensor& out, at::Tensor& status) {
   const int64_t batch = cost.size(0);
@@ -376,14 +415,15 @@ void solve_batch(const at::Tensor& cost, bool maximize, at::Tensor& out, at::Ten
   int64_t* cols = out.data_ptr<int64_t>();
   int32_t* st = status.data_ptr<int32_t>();
   const double sign = maximize ? -1.0 : 1.0;
-  // Problems of under ~2^20 entries are grouped so that tiny batches skip the thread pool's wake-up.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, int64_t{n} * m));
-  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const CostView<T> view{data + b * static_cast<int64_t>(n) * m, m, sign};
-      st[b] = solve_problem(view, n, m, cols + b * n);
-    }
+  auto queue = std::make_shared<WorkQueue>(batch, [=](int64_t b) {
+    const CostView<T> view{data + b * static_cast<int64_t>(n) * m, m, sign};
+    st[b] = solve_problem(view, n, m, cols + b * n);
   });
+  const int64_t entries = batch * static_cast<int64_t>(n) * m;
+  const int64_t helpers = entries < (int64_t{1} << 20) ? 0 : std::min<int64_t>(at::get_num_threads(), batch) - 1;
+  for (int64_t h = 0; h < helpers; ++h) at::launch([queue] { queue->drain(); });
+  queue->drain();
+  queue->wait();
 }
 
 at::Tensor linear_sum_assignment_cpu(const at::Tensor& cost_in, bool maximize) {
