@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy.optimize import linear_sum_assignment
 
 import croc
 from croc.ops import assignment as assignment_ops
@@ -48,3 +50,12 @@ def test_quick_run_writes_csv_and_plot(tmp_path):
         solved, total = row["optimal"].split("/")
         if row["provider"].startswith(("croc", "scipy")):
             assert solved == total, row
+
+
+@needs_ext
+def test_reference_totals_without_scipy_run_equal_scipy_optimum():
+    host = assignment_bench.make_costs(3, 30, 70, 16, "raw", "cpu", seed=2).double().numpy()
+    from_croc = assignment_bench.reference_totals(host, {})
+    scipy_cols = np.stack([linear_sum_assignment(p)[1] for p in host])
+    from_scipy = assignment_bench.reference_totals(host, {"scipy-loop": scipy_cols})
+    assert np.allclose(from_croc, from_scipy, rtol=0, atol=1e-9)
