@@ -153,7 +153,8 @@ def train_stage(
 def _load(args: CrocArguments, training_args: TrainingArguments):
     from croc.model import CrocLlavaForConditionalGeneration
 
-    dtype = torch.bfloat16 if training_args.bf16 else None
+    # DeepSpeed keeps fp32 master weights itself; without it, weights stay fp32 under bf16 autocast
+    dtype = torch.bfloat16 if training_args.bf16 and training_args.deepspeed else None
     model = CrocLlavaForConditionalGeneration.from_pretrained(
         args.model_name_or_path, dtype=dtype, stage=args.stage, **args.config_overrides()
     )
