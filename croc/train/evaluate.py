@@ -76,7 +76,11 @@ def answer_all(
     max_new_tokens: int,
     skip_questions: tuple[str, ...] = (),
 ) -> list[Generated]:
-    """Greedy answers to every question of ``records`` (in ``dataset`` order), each asked on its own."""
+    """Greedy answers to every question of ``records``, each asked on its own about its image.
+
+    ``records[i]`` must be the record of ``dataset`` sample ``i`` (a dataset built from the same
+    JSON with nothing skipped); questions in ``skip_questions`` are not asked.
+    """
     model.eval()
     generated = []
     for index, record in enumerate(records):
