@@ -251,6 +251,14 @@ def test_direct_op_checks_its_arguments():
 
 
 @needs_ext
+@pytest.mark.parametrize(("dtype", "maximize"), [(torch.float32, False), (torch.float64, True)])
+def test_op_passes_opcheck(dtype, maximize):
+    cost = torch.rand(3, 5, 9, dtype=dtype, generator=torch.Generator().manual_seed(8))
+    results = torch.library.opcheck(torch.ops.croc.linear_sum_assignment.default, (cost, maximize))
+    assert set(results.values()) == {"SUCCESS"}, results
+
+
+@needs_ext
 def test_torch_compile_traces_without_graph_breaks():
     def step(cost: torch.Tensor) -> torch.Tensor:
         return croc.linear_sum_assignment(cost * 2.0) + 1
