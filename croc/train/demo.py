@@ -54,7 +54,7 @@ class DemoRecipe:
     stages: tuple[StageRecipe, ...] = (
         StageRecipe("projector", "caption", "plain", 60, 1e-3, False),
         StageRecipe("croc", "caption", "plain", 400, 1e-3, True),
-        StageRecipe("finetune", "instruct", "vicuna", 300, 5e-4, False),
+        StageRecipe("finetune", "instruct", "vicuna", 600, 5e-4, False),
     )
 
     @classmethod
