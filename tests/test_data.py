@@ -169,13 +169,25 @@ def _break_record(tmp_path, problem):
         bad["conversations"][0]["value"] = "describe it"
     elif problem == "too long":
         bad["conversations"][1]["value"] = " ".join(["red"] * 200)
+    elif problem == "two <image>":
+        bad["conversations"][0]["value"] = "<image>\n<image>"
+    elif problem == "<image> without image":
+        del bad["image"]
     elif problem == "malformed turns":
         bad["conversations"] = bad["conversations"][:1]
     path.write_text(json.dumps(records))
     return bad["id"]
 
 
-PROBLEMS = ["missing image", "corrupt image", "no <image>", "too long", "malformed turns"]
+PROBLEMS = [
+    "missing image",
+    "corrupt image",
+    "no <image>",
+    "two <image>",
+    "<image> without image",
+    "too long",
+    "malformed turns",
+]
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)

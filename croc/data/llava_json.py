@@ -1,7 +1,8 @@
 """The LLaVA JSON dataset: records ``{"id", "image", "conversations"}`` plus an image folder.
 
 Bad records are never dropped silently. Every problem (missing or corrupt image, an image record
-whose first human turn lacks ``<image>``, a sample longer than ``max_length``, malformed turns)
+whose first human turn lacks ``<image>`` or with several ``<image>``, an ``<image>`` in a record
+without image, a sample longer than ``max_length``, malformed turns)
 is reported with the record id and, by ``on_error``:
 
     "raise" (default): raise :class:`DataError` naming the record and the problem;
@@ -128,9 +129,16 @@ class LlavaJsonDataset(Dataset):
         if not isinstance(conversations, list):
             raise ValueError("no 'conversations' list")
         image_path = None
+        placeholders = sum(str(turn.get("value", "")).count(IMAGE_PLACEHOLDER) for turn in conversations)
+        if not record.get("image") and placeholders:
+            raise ValueError("a record without an image has an <image> placeholder")
         if record.get("image"):
             if IMAGE_PLACEHOLDER not in conversations[0].get("value", ""):
                 raise ValueError("an image record whose first human turn has no <image> placeholder")
+            if placeholders > 1:
+                raise ValueError(
+                    f"an image record with {placeholders} <image> placeholders (one image, one placeholder)"
+                )
             image_path = self.image_folder / record["image"]
             if not image_path.is_file():
                 raise ValueError(f"image file {image_path} is missing")
@@ -159,10 +167,9 @@ class LlavaJsonDataset(Dataset):
         return pixels
 
     def __getitem__(self, index: int) -> dict:
-        for offset in range(len(self.samples)):
-            item = self._load(
-                self.samples[(index + offset) % len(self.samples)], (index + offset) % len(self)
-            )
+        for offset in range(len(self)):
+            position = (index + offset) % len(self)
+            item = self._load(self.samples[position], position)
             if item is not None:
                 return item
         raise DataError("no record of the dataset could be loaded")
