@@ -33,4 +33,5 @@ def test_quick_demo_writes_the_three_files(tmp_path, capsys):
     samples = (out / "samples.md").read_text()
     assert samples.count("| describe the image in detail . |") == 2
     assert "| how many shapes are there ? |" in samples
+    assert "![synthetic-eval-000000](data/eval/images/000000.png)" in samples
     assert "caption token accuracy" in capsys.readouterr().out

@@ -152,10 +152,13 @@ def _plot_losses(histories: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def _write_samples(path: Path, generated, metrics: dict) -> None:
+def _write_samples(path: Path, generated, metrics: dict, images: dict[str, str]) -> None:
+    """samples.md: per held-out record its image (``images``: record id -> path relative to ``path``)
+    and a table of every question with the truth and the generated answer."""
     lines = ["# croc demo: held-out samples", "", f"eval: `{json.dumps(metrics['eval'])}`", ""]
     for record_id in dict.fromkeys(g.record_id for g in generated):
-        lines += [f"## {record_id}", "", "| question | truth | generated |", "| --- | --- | --- |"]
+        lines += [f"## {record_id}", "", f"![{record_id}]({images[record_id]})", ""]
+        lines += ["| question | truth | generated |", "| --- | --- | --- |"]
         for g in (g for g in generated if g.record_id == record_id):
             mark = "" if g.answer == g.truth else " ✗"
             lines.append(f"| {g.question} | {g.truth} | {g.answer}{mark} |")
@@ -256,5 +259,9 @@ def run_demo(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _plot_losses(histories, out / "loss.png")
     shown = eval_records[: recipe.sample_images]
-    _write_samples(out / "samples.md", answer_all(model, tokenizer, eval_set, shown, n_image, 48), metrics)
+    images = {
+        r["id"]: (data["eval"].parent / "images" / r["image"]).relative_to(out).as_posix() for r in shown
+    }
+    generated = answer_all(model, tokenizer, eval_set, shown, n_image, max_new_tokens=48)
+    _write_samples(out / "samples.md", generated, metrics, images)
     return metrics
