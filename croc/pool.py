@@ -97,16 +97,18 @@ class PromptTokenPool(nn.Module):
             raise ValueError(f"num_tokens and dim must be positive, got {num_tokens} and {dim}")
         self.init = init
         self.assignment = assignment
+        # kept as ints: under DeepSpeed ZeRO-3 the parameter itself is partitioned to shape (0,)
+        self._num_tokens, self._dim = int(num_tokens), int(dim)
         self.tokens = nn.Parameter(torch.empty(num_tokens, dim))
         self.reset_parameters()
 
     @property
     def num_tokens(self) -> int:
-        return self.tokens.shape[0]
+        return self._num_tokens
 
     @property
     def dim(self) -> int:
-        return self.tokens.shape[1]
+        return self._dim
 
     def reset_parameters(self) -> None:
         """Re-draw the pool tokens with the configured ``init``."""

@@ -170,7 +170,8 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_two_processes_cpu(setup, tmp_path):
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_deepspeed_two_processes_cpu(setup, tmp_path, zero):
     pytest.importorskip("deepspeed")
     pytest.importorskip("accelerate")
     _, data, tokenizer, image_processor = setup
@@ -184,7 +185,7 @@ def test_deepspeed_zero2_two_processes_cpu(setup, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
         "-m", "croc.cli", "train", "--stage", "croc", "--model_name_or_path", str(init),
         "--data_path", str(data["caption"]), "--image_folder", str(data["caption"].parent / "images"),
-        "--max_length", str(MAX_LENGTH), "--output_dir", str(out), "--deepspeed", "zero2",
+        "--max_length", str(MAX_LENGTH), "--output_dir", str(out), "--deepspeed", zero,
         "--use_cpu", "--ddp_backend", "gloo", "--max_steps", "3", "--per_device_train_batch_size", "4",
         "--learning_rate", "1e-2", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
         "--disable_tqdm", "true",
