@@ -22,7 +22,6 @@ Writes DIR/assignment_<device>.csv (after every case) and DIR/assignment_<device
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -172,12 +171,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (CI smoke test)")
+    parser = common.base_parser(__doc__, "tiny sizes, a few seconds (CI smoke test)")
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--pools", nargs="+", choices=POOLS, default=list(POOLS))
     parser.add_argument("--reps", type=int, default=5)

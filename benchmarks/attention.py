@@ -26,7 +26,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -280,12 +279,7 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
+    parser = common.base_parser(__doc__, "tiny sizes (CPU smoke test)")
     parser.add_argument("--lengths", type=int, nargs="+")
     parser.add_argument("--head-dims", type=int, nargs="+")
     parser.add_argument("--heads", nargs="+", help="Hq/Hkv pairs, e.g. 32/32 28/4")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import os
@@ -135,3 +136,14 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def base_parser(doc: str | None, quick_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark script shares: --out, --device, --quick."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    return parser

@@ -27,7 +27,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
@@ -271,12 +270,7 @@ def run_provider(name: str, samples, shapes: Shapes, args, dtype) -> dict:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny model and length (CPU smoke test)")
+    parser = common.base_parser(__doc__, "tiny model and length (CPU smoke test)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--length", type=int)
     parser.add_argument("--providers", nargs="+", default=["reference", "croc"])
