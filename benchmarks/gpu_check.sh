@@ -43,6 +43,10 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log, record the outcome
 ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
 export CROC_CUDA_ARCHS="$ARCH" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 step build 150 "$PY" -m pip install -e . --no-build-isolation --no-deps
+if ! "$PY" -c "import croc.kernels, croc.ops.assignment as a; assert a.EXTENSION_HAS_CUDA" >>"$LOG" 2>&1; then
+  # keep the kernels testable even if the CUDA part of the extension did not build
+  CROC_SKIP_CUDA_BUILD=1 step build-without-cuda 90 "$PY" -m pip install -e . --no-build-isolation --no-deps
+fi
 
 if "$PY" -c "import pytest" >/dev/null 2>&1; then
   # the GPU-only tests, then the kernel tests (which run on CUDA tensors when a GPU is there)
