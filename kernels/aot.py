@@ -248,9 +248,10 @@ def main() -> None:
     parser.add_argument("--csv", metavar="PATH", help="also write the per-loop rows to this CSV")
     parser.add_argument("--schedule", choices=("range", "index", "both"), default="both")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--only", metavar="ARCH-D-DTYPE", help="one combination, e.g. 90-128-bf16")
     args = parser.parse_args()
     schedules = ("range", "index") if args.schedule == "both" else (args.schedule,)
-    reports = compile_all(args.workers, schedules)
+    reports = compile_all(args.workers, schedules, args.only)
     if args.json:
         json.dump([asdict(r) for r in reports], sys.stdout)
         print()

@@ -70,12 +70,6 @@ def _block_at(block_list, j, RANGE: tl.constexpr):
 
 
 @triton.jit
-def _inside(pos, start, width):
-    """``start <= pos < start + width`` as one subtraction and one unsigned compare."""
-    return (pos - start).to(tl.uint32, bitcast=True) < width.to(tl.uint32, bitcast=True)
-
-
-@triton.jit
 def _program_block(num_blocks, num_bh, REVERSED: tl.constexpr):
     """(block, batch*head index) of this program in the flattened 1-D grid; blocks outermost, so
     all heads of one block run together (REVERSED: the last block first)."""
@@ -88,26 +82,40 @@ def _program_block(num_blocks, num_bh, REVERSED: tl.constexpr):
 
 @triton.jit
 def _fwd_tiles(
-    acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, block_list, lo, hi,
-    row_start, row_width, offs_n, d_ok, qk_scale, seq_k,
-    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, PAD_D: tl.constexpr, RANGE: tl.constexpr,
+    acc, l_i, m_i, q, k_base, v_base, offs_d, stride_kn, stride_vn, block_list, lo, hi,
+    row_start, row_end, offs_n, d_ok, qk_scale, seq_k,
+    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, PAD_D: tl.constexpr, RANGE: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over the key blocks at positions ``[lo, hi)`` of one query block's schedule."""
-    CHECK: tl.constexpr = PARTIAL or PAD_D
+    CHECK: tl.constexpr = BOUNDS or PAD_D
     for j in range(lo, hi):
         start_n = _block_at(block_list, j, RANGE) * BLOCK_N
         cols = start_n + offs_n
         col_ok = cols < seq_k
         first = start_n.to(tl.int64)
-        k_t = _load(k_base + first * stride_kn + k_offs, d_ok[:, None], col_ok[None, :], CHECK, 0.0)
+        k_t = _load(
+            k_base + first * stride_kn + (offs_n[None, :] * stride_kn + offs_d[:, None]),
+            d_ok[:, None],
+            col_ok[None, :],
+            CHECK,
+            0.0,
+        )
         s = tl.dot(q, k_t)
         if PARTIAL:
-            s = tl.where(_inside(cols[None, :], row_start[:, None], row_width[:, None]), s, float("-inf"))
+            s = tl.where(
+                (cols[None, :] >= row_start[:, None]) & (cols[None, :] < row_end[:, None]), s, float("-inf")
+            )
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load(v_base + first * stride_vn + v_offs, col_ok[:, None], d_ok[None, :], CHECK, 0.0)
+        v = _load(
+            v_base + first * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :]),
+            col_ok[:, None],
+            d_ok[None, :],
+            CHECK,
+            0.0,
+        )
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
@@ -123,6 +131,7 @@ def _fwd_kernel(
     RANGE: tl.constexpr,
 ):  # fmt: skip
     """One program: one query block of one (batch, query head); writes out and lse2."""
+    INDEX: tl.constexpr = not RANGE  # an index list's partial tiles may overhang the tensors' end
     qb, bh = _program_block(num_q_blocks, tl.num_programs(0) // num_q_blocks, True)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
@@ -144,32 +153,30 @@ def _fwd_kernel(
     )
     q = tl.load(q_ptrs, mask=tile_ok, other=0.0)
     row_start = tl.load(KvStart + b * seq_q + offs_m, mask=row_ok, other=0)
-    row_width = tl.load(KvEnd + b * seq_q + offs_m, mask=row_ok, other=0) - row_start
+    row_end = tl.load(KvEnd + b * seq_q + offs_m, mask=row_ok, other=0)
     meta = Schedule + (b * num_q_blocks + qb) * schedule_width
     a, c = tl.load(meta), tl.load(meta + 2)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    k_offs = offs_n[None, :] * stride_kn + offs_d[:, None]
-    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :]
     # m starts finite so that a row with nothing visible yet gives exp2(-inf - m) = 0, never NaN
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     b_end = tl.load(meta + 1)
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, meta + 4, a, b_end,
-        row_start, row_width, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, True, PAD_D, RANGE,
+        acc, l_i, m_i, q, k_base, v_base, offs_d, stride_kn, stride_vn, meta + 4, a, b_end,
+        row_start, row_end, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, True, INDEX, PAD_D, RANGE,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, meta + 4, b_end, c,
-        row_start, row_width, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, False, PAD_D, RANGE,
+        acc, l_i, m_i, q, k_base, v_base, offs_d, stride_kn, stride_vn, meta + 4, b_end, c,
+        row_start, row_end, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, False, False, PAD_D, RANGE,
     )  # fmt: skip
     if RANGE:  # index schedules list every partial tile first (c == d)
         acc, l_i, m_i = _fwd_tiles(
-            acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, meta + 4, c,
-            tl.load(meta + 3), row_start, row_width, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, True, PAD_D, RANGE,
+            acc, l_i, m_i, q, k_base, v_base, offs_d, stride_kn, stride_vn, meta + 4, c,
+            tl.load(meta + 3), row_start, row_end, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, True, True, PAD_D, RANGE,
         )  # fmt: skip
-    empty = row_width <= 0
+    empty = row_end <= row_start
     l_safe = tl.where(empty, 1.0, l_i)
     out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
@@ -186,28 +193,45 @@ def _fwd_kernel(
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_base, end_base, q_offs, do_offs,
-    stride_qm, stride_dom, block_list, lo, hi, cols, offs_i, d_ok, qk_scale, seq_q,
-    BLOCK_M: tl.constexpr, PARTIAL: tl.constexpr, PAD_D: tl.constexpr, RANGE: tl.constexpr,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_base, end_base, offs_d,
+    stride_qm, stride_dom, block_list, lo, hi, gap_at, gap, cols, offs_i, d_ok, qk_scale, seq_q,
+    BLOCK_M: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, PAD_D: tl.constexpr, RANGE: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate dK (unscaled) and dV of one key block over the query blocks at positions ``[lo, hi)``."""
-    CHECK: tl.constexpr = PARTIAL or PAD_D
+    """Accumulate dK (unscaled) and dV of one key block over the query blocks at positions
+    ``[lo, hi)``, where the positions from ``gap_at`` on are shifted by ``gap`` (so one loop runs
+    both partial ranges of a range schedule: one pipelined loop fewer, which keeps dK/dV's
+    registers from spilling)."""
+    CHECK: tl.constexpr = BOUNDS or PAD_D
     for j in range(lo, hi):
-        start_m = _block_at(block_list, j, RANGE) * BLOCK_M
+        start_m = _block_at(block_list, tl.where(j < gap_at, j, j + gap), RANGE) * BLOCK_M
         rows = start_m + offs_i
         row_ok = rows < seq_q
         first = start_m.to(tl.int64)
-        q_t = _load(q_base + first * stride_qm + q_offs, d_ok[:, None], row_ok[None, :], CHECK, 0.0)
-        lse2 = _load_rows(lse_base + rows, row_ok, PARTIAL, float("inf"))
+        q_t = _load(
+            q_base + first * stride_qm + (offs_i[None, :] * stride_qm + offs_d[:, None]),
+            d_ok[:, None],
+            row_ok[None, :],
+            CHECK,
+            0.0,
+        )
+        lse2 = _load_rows(lse_base + rows, row_ok, BOUNDS, float("inf"))
         p_t = tl.math.exp2(tl.dot(k, q_t) * qk_scale - lse2[None, :])
         if PARTIAL:
-            row_start = tl.load(start_base + rows, mask=row_ok, other=0)
-            row_width = tl.load(end_base + rows, mask=row_ok, other=0) - row_start
-            p_t = tl.where(_inside(cols[:, None], row_start[None, :], row_width[None, :]), p_t, 0.0)
-        do = _load(do_base + first * stride_dom + do_offs, row_ok[:, None], d_ok[None, :], CHECK, 0.0)
+            row_start = _load_rows(start_base + rows, row_ok, BOUNDS, 0)
+            row_end = _load_rows(end_base + rows, row_ok, BOUNDS, 0)
+            p_t = tl.where(
+                (cols[:, None] >= row_start[None, :]) & (cols[:, None] < row_end[None, :]), p_t, 0.0
+            )
+        do = _load(
+            do_base + first * stride_dom + (offs_i[:, None] * stride_dom + offs_d[None, :]),
+            row_ok[:, None],
+            d_ok[None, :],
+            CHECK,
+            0.0,
+        )
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         dp_t = tl.dot(v, tl.trans(do))
-        delta = _load_rows(delta_base + rows, row_ok, PARTIAL, 0.0)
+        delta = _load_rows(delta_base + rows, row_ok, BOUNDS, 0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk)
     return dk, dv
@@ -257,8 +281,6 @@ def _dkdv_kernel(
     d = tl.load(meta + 3)
     start_base = KvStart + b * seq_q
     end_base = KvEnd + b * seq_q
-    q_offs = offs_i[None, :] * stride_qm + offs_d[:, None]
-    do_offs = offs_i[:, None] * stride_dom + offs_d[None, :]
     num_heads = num_heads_kv * group
     for g in range(group):
         h = hk * group + g
@@ -267,21 +289,15 @@ def _dkdv_kernel(
         lse_base = Lse + (b * num_heads + h) * seq_q
         delta_base = Delta + (b * num_heads + h) * seq_q
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_base, end_base, q_offs, do_offs,
-            stride_qm, stride_dom, meta + 4, a, b_end, cols, offs_i, d_ok, qk_scale, seq_q,
-            BLOCK_M, True, PAD_D, RANGE,
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_base, end_base, offs_d,
+            stride_qm, stride_dom, meta + 4, a, b_end + d - c, b_end, c - b_end, cols, offs_i, d_ok,
+            qk_scale, seq_q, BLOCK_M, True, True, PAD_D, RANGE,
         )  # fmt: skip
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_base, end_base, q_offs, do_offs,
-            stride_qm, stride_dom, meta + 4, b_end, c, cols, offs_i, d_ok, qk_scale, seq_q,
-            BLOCK_M, False, PAD_D, RANGE,
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_base, end_base, offs_d,
+            stride_qm, stride_dom, meta + 4, b_end, c, c, 0, cols, offs_i, d_ok, qk_scale, seq_q,
+            BLOCK_M, False, False, PAD_D, RANGE,
         )  # fmt: skip
-        if RANGE:
-            dk, dv = _dkdv_tiles(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_base, end_base, q_offs, do_offs,
-                stride_qm, stride_dom, meta + 4, c, d, cols, offs_i, d_ok, qk_scale, seq_q,
-                BLOCK_M, True, PAD_D, RANGE,
-            )  # fmt: skip
     dk_ptrs = (
         DK
         + b * stride_dkb
@@ -302,22 +318,34 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(
-    dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, block_list, lo, hi,
-    row_start, row_width, offs_n, d_ok, qk_scale, seq_k,
-    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, PAD_D: tl.constexpr, RANGE: tl.constexpr,
+    dq, q, do, lse2, delta, k_base, v_base, offs_d, stride_kn, stride_vn, block_list, lo, hi,
+    row_start, row_end, offs_n, d_ok, qk_scale, seq_k,
+    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, PAD_D: tl.constexpr, RANGE: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dQ (unscaled) of one query block over the key blocks at positions ``[lo, hi)``."""
-    CHECK: tl.constexpr = PARTIAL or PAD_D
+    CHECK: tl.constexpr = BOUNDS or PAD_D
     for j in range(lo, hi):
         start_n = _block_at(block_list, j, RANGE) * BLOCK_N
         cols = start_n + offs_n
         col_ok = cols < seq_k
         first = start_n.to(tl.int64)
-        k_t = _load(k_base + first * stride_kn + k_offs, d_ok[:, None], col_ok[None, :], CHECK, 0.0)
-        v_t = _load(v_base + first * stride_vn + v_offs, d_ok[:, None], col_ok[None, :], CHECK, 0.0)
+        k_t = _load(
+            k_base + first * stride_kn + (offs_n[None, :] * stride_kn + offs_d[:, None]),
+            d_ok[:, None],
+            col_ok[None, :],
+            CHECK,
+            0.0,
+        )
+        v_t = _load(
+            v_base + first * stride_vn + (offs_n[None, :] * stride_vn + offs_d[:, None]),
+            d_ok[:, None],
+            col_ok[None, :],
+            CHECK,
+            0.0,
+        )
         p = tl.math.exp2(tl.dot(q, k_t) * qk_scale - lse2[:, None])
         if PARTIAL:
-            p = tl.where(_inside(cols[None, :], row_start[:, None], row_width[:, None]), p, 0.0)
+            p = tl.where((cols[None, :] >= row_start[:, None]) & (cols[None, :] < row_end[:, None]), p, 0.0)
         dp = tl.dot(do, v_t)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq)
@@ -335,6 +363,7 @@ def _dq_kernel(
 ):  # fmt: skip
     """One program: dQ of one query block of one (batch, query head); also writes its rows of
     delta = rowsum(dO * O), which the dK/dV pass (launched after this one) reads."""
+    INDEX: tl.constexpr = not RANGE
     qb, bh = _program_block(num_q_blocks, tl.num_programs(0) // num_q_blocks, True)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
@@ -376,26 +405,24 @@ def _dq_kernel(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + row_base + offs_m, delta, mask=row_ok)
     row_start = tl.load(KvStart + b * seq_q + offs_m, mask=row_ok, other=0)
-    row_width = tl.load(KvEnd + b * seq_q + offs_m, mask=row_ok, other=0) - row_start
+    row_end = tl.load(KvEnd + b * seq_q + offs_m, mask=row_ok, other=0)
     meta = Schedule + (b * num_q_blocks + qb) * schedule_width
     a, b_end, c = tl.load(meta), tl.load(meta + 1), tl.load(meta + 2)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    k_offs = offs_n[None, :] * stride_kn + offs_d[:, None]
-    v_offs = offs_n[None, :] * stride_vn + offs_d[:, None]
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_tiles(
-        dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, meta + 4, a, b_end,
-        row_start, row_width, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, True, PAD_D, RANGE,
+        dq, q, do, lse2, delta, k_base, v_base, offs_d, stride_kn, stride_vn, meta + 4, a, b_end,
+        row_start, row_end, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, True, INDEX, PAD_D, RANGE,
     )  # fmt: skip
     dq = _dq_tiles(
-        dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, meta + 4, b_end, c,
-        row_start, row_width, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, False, PAD_D, RANGE,
+        dq, q, do, lse2, delta, k_base, v_base, offs_d, stride_kn, stride_vn, meta + 4, b_end, c,
+        row_start, row_end, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, False, False, PAD_D, RANGE,
     )  # fmt: skip
     if RANGE:
         dq = _dq_tiles(
-            dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, meta + 4, c,
-            tl.load(meta + 3), row_start, row_width, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, True, PAD_D, RANGE,
+            dq, q, do, lse2, delta, k_base, v_base, offs_d, stride_kn, stride_vn, meta + 4, c,
+            tl.load(meta + 3), row_start, row_end, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, True, True, PAD_D, RANGE,
         )  # fmt: skip
     dq_ptrs = (
         DQ
@@ -409,6 +436,7 @@ def _dq_kernel(
 
 LOG2E = 1.4426950408889634
 _LOOP_NAMES = {"range": ("partial_head", "full", "partial_tail"), "index": ("partial", "full")}
+_DKDV_LOOP_NAMES = ("partial", "full")  # dK/dV runs both partial ranges in one loop
 
 
 def _constexprs(head_dim: int, config: PassConfig, schedule: str) -> dict:
@@ -430,7 +458,7 @@ def kernel_launches(head_dim: int, config: AttentionConfig, schedule: str = "ran
     loops = _LOOP_NAMES[schedule]
     return [
         ("forward", _fwd_kernel, _constexprs(head_dim, config.forward, schedule), config.forward, loops),
-        ("dkdv", _dkdv_kernel, _constexprs(head_dim, config.dkdv, schedule), config.dkdv, loops),
+        ("dkdv", _dkdv_kernel, _constexprs(head_dim, config.dkdv, schedule), config.dkdv, _DKDV_LOOP_NAMES),
         ("dq", _dq_kernel, _constexprs(head_dim, config.dq, schedule), config.dq, loops),
     ]
 

@@ -127,6 +127,8 @@ def _check_range(bounds, tile_of, num_own, num_other, other_len, other_block):
                 full = bool(tile.all()) and not overhang
                 assert in_range or not tile.any(), (batch, own, other)
                 assert full or not in_full, (batch, own, other)
+                head = int(a[batch, own]) <= other < int(b[batch, own])
+                assert not (head and overhang), "the head loop runs without bounds checks"
                 if tile.any():
                     assert in_full == full, (batch, own, other)
 

@@ -5,7 +5,7 @@ block of its own side: query blocks for the forward and dQ passes (:func:`row_sc
 blocks for the dK/dV pass (:func:`column_schedule`). A schedule is packed into one int32 tensor
 ``[B, n_blocks, W]`` whose first four columns ``(a, b, c, d)`` mean: positions ``[a, b)`` and
 ``[c, d)`` are tiles that need per-element masking (partial, or overhanging the end of the
-tensors), ``[b, c)`` are full tiles (every non-empty row sees every key of the tile).
+tensors; in a range schedule only ``[c, d)`` may hold the overhanging block), ``[b, c)`` are full tiles (every non-empty row sees every key of the tile).
 
 - *Range* schedules (``W == 4``): the positions are the other side's block indices. For query
   blocks this is exact for any mask (the tiles a query block reaches, from its smallest start to
@@ -118,11 +118,18 @@ def _query_block_bounds(
     return start_lo, end_lo, start_hi, end_hi, all_rows_nonempty
 
 
-def _pack(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """int32 [B, n, 4] from four [B, n] bounds with ``a <= b <= c <= d`` enforced by clamping."""
-    b = torch.maximum(b, a).minimum(d)
-    c = torch.maximum(c, b).minimum(d)
-    return torch.stack([a, b, c, d], dim=-1).to(torch.int32).contiguous()
+def _pack(
+    lo: torch.Tensor, full_lo: torch.Tensor, full_hi: torch.Tensor, hi: torch.Tensor, whole: int
+) -> torch.Tensor:
+    """int32 [B, n, 4] ``(a, b, c, d)`` from the reached range ``[lo, hi)`` and the full range
+    ``[full_lo, full_hi)`` (empty if ``full_hi <= full_lo``), all [B, n]. Only the ``whole``
+    first blocks of the other side end inside its tensor; the full range and the head
+    ``[a, b)`` stay below it, so only the tail ``[c, d)`` may hold the overhanging block and
+    the kernels run the head without bounds checks."""
+    cap = torch.full_like(lo, whole)
+    b = full_lo.minimum(cap).maximum(lo).minimum(hi)
+    c = full_hi.minimum(cap).maximum(b).minimum(hi)
+    return torch.stack([lo, b, c, hi], dim=-1).to(torch.int32).contiguous()
 
 
 def row_schedule(mask, block_q: int, block_k: int) -> torch.Tensor:
@@ -139,8 +146,8 @@ def row_schedule(mask, block_q: int, block_k: int) -> torch.Tensor:
         lo = torch.where(has_rows, start_lo // block_k, zero)
         hi = torch.where(has_rows, -(-end_hi // block_k), zero)
         full_lo = -(-start_hi // block_k)
-        full_hi = (end_lo // block_k).clamp_max(mask.num_keys // block_k)
-        return _pack(lo, full_lo, torch.maximum(full_hi, full_lo), hi)
+        full_hi = end_lo // block_k
+        return _pack(lo, full_lo, full_hi, hi, mask.num_keys // block_k)
 
     return _cached(mask, ("rows", block_q, block_k), build)
 
@@ -178,9 +185,9 @@ def column_schedule(mask, block_q: int, block_k: int) -> torch.Tensor:
         lo = search(end_hi, -1, True, k0, True)  # first block with end_hi > k0
         hi = search(start_lo, _BIG, False, k1, False)  # blocks with start_lo < k1
         full_lo = search(end_lo, -1, True, k1, False)  # first block with end_lo >= k1
-        full_hi = search(start_hi, _BIG, False, k0, True).clamp_max(mask.num_queries // block_q)
+        full_hi = search(start_hi, _BIG, False, k0, True)
         hi = torch.maximum(hi, lo)
-        return _pack(lo, full_lo, torch.maximum(full_hi, full_lo), hi)
+        return _pack(lo, full_lo, full_hi, hi, mask.num_queries // block_q)
 
     return _cached(mask, ("columns", block_q, block_k), build)
 
