@@ -35,7 +35,7 @@ from triton.compiler import ASTSource
 from .config import all_configs, lookup
 from .mixed_attention import kernel_launches
 
-__all__ = ["CompileReport", "LoopStats", "analyse_sass", "compile_all", "cuobjdump_path"]
+__all__ = ["CompileReport", "LoopStats", "analyse_sass", "compile_all", "cuobjdump_path", "iter_compile"]
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _INT_POINTERS = {"KvStart", "KvEnd", "Schedule"}
@@ -196,14 +196,24 @@ def compile_jobs(schedules: tuple[str, ...] = ("range", "index")) -> list[tuple]
     return jobs
 
 
-def compile_all(
-    workers: int | None = None, schedules: tuple[str, ...] = ("range", "index")
-) -> list[CompileReport]:
-    """Compile every distinct kernel of every configuration for its arch, in ``workers`` processes."""
+def iter_compile(
+    workers: int | None = None, schedules: tuple[str, ...] = ("range", "index"), only: str | None = None
+):
+    """Compile every distinct kernel of every configuration for its arch, in ``workers`` processes,
+    yielding each :class:`CompileReport` as it is done; ``only`` (e.g. ``"90-128-bf16"``: arch,
+    head dim, dtype) restricts them to one combination."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the AOT compile needs compiled, not interpreted, kernels")
+    jobs = [j for j in compile_jobs(schedules) if only in (None, f"{j[0]}-{j[1]}-{_TRITON_DTYPE[j[2]]}")]
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        return list(pool.map(_compile_one, compile_jobs(schedules)))
+        yield from pool.map(_compile_one, jobs)
+
+
+def compile_all(
+    workers: int | None = None, schedules: tuple[str, ...] = ("range", "index"), only: str | None = None
+) -> list[CompileReport]:
+    """Every report of :func:`iter_compile`, as a list."""
+    return list(iter_compile(workers, schedules, only))
 
 
 _KERNEL_COLUMNS = (
@@ -251,18 +261,22 @@ def main() -> None:
     parser.add_argument("--only", metavar="ARCH-D-DTYPE", help="one combination, e.g. 90-128-bf16")
     args = parser.parse_args()
     schedules = ("range", "index") if args.schedule == "both" else (args.schedule,)
-    reports = compile_all(args.workers, schedules, args.only)
+    reports = []
+    with open(args.csv or os.devnull, "w", newline="") as f:  # rows written as kernels finish
+        writer = None
+        for report in iter_compile(args.workers, schedules, args.only):
+            reports.append(report)
+            for row in report_rows([report]):
+                writer = writer or csv.DictWriter(f, fieldnames=list(row))
+                if f.tell() == 0:
+                    writer.writeheader()
+                writer.writerow(row)
+            f.flush()
     if args.json:
         json.dump([asdict(r) for r in reports], sys.stdout)
         print()
-    rows = report_rows(reports)
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
     if args.report or not args.json:
-        _print_table(rows)
+        _print_table(report_rows(reports))
 
 
 if __name__ == "__main__":
