@@ -150,13 +150,26 @@ def train_stage(
     return trainer
 
 
+def _parameter_dtype(training_args: TrainingArguments) -> torch.dtype:
+    """The dtype the model's parameters train in, from the training arguments alone (never the
+    checkpoint's saved dtype): bf16/fp16 only under DeepSpeed with ``--bf16``/``--fp16``, whose
+    optimizer keeps fp32 master weights itself; otherwise float32, and ``--bf16``/``--fp16`` without
+    DeepSpeed mean autocast over these fp32 weights."""
+    if training_args.deepspeed and training_args.bf16:
+        return torch.bfloat16
+    if training_args.deepspeed and training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
 def _load(args: CrocArguments, training_args: TrainingArguments):
     from croc.model import CrocLlavaForConditionalGeneration
 
-    # DeepSpeed keeps fp32 master weights itself; without it, weights stay fp32 under bf16 autocast
-    dtype = torch.bfloat16 if training_args.bf16 and training_args.deepspeed else None
     model = CrocLlavaForConditionalGeneration.from_pretrained(
-        args.model_name_or_path, dtype=dtype, stage=args.stage, **args.config_overrides()
+        args.model_name_or_path,
+        dtype=_parameter_dtype(training_args),
+        stage=args.stage,
+        **args.config_overrides(),
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     try:
