@@ -75,7 +75,8 @@ def train(opts: argparse.Namespace) -> None:
     from croc.train.run import deepspeed_config_path, num_image_tokens, train_stage
 
     tokenizer, processor = build_synthetic_tokenizer(), build_image_processor(IMAGE_SIZE)
-    if opts.sp > 1 or opts.deepspeed:
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
@@ -95,7 +96,7 @@ def train(opts: argparse.Namespace) -> None:
         output_dir=str(out), per_device_train_batch_size=4, max_steps=opts.steps, learning_rate=3e-3,
         logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, seed=0, weight_decay=0.0,
         save_strategy="steps" if opts.save_steps else "no", save_steps=opts.save_steps or 500,
-        deepspeed=deepspeed_config_path(opts.deepspeed) if opts.deepspeed else None, ddp_backend="gloo",
+        deepspeed=deepspeed_config_path(opts.deepspeed) if opts.deepspeed else None, ddp_backend="gloo" if distributed else None,
         ddp_timeout=opts.timeout,
     )  # fmt: skip
     collator = LlavaCollator(tokenizer.pad_token_id, packing=True, max_length=MAX_LENGTH)

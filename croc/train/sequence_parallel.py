@@ -187,7 +187,25 @@ def _local_image_hidden(
     local = (row * chunk + (col - start).clamp(0, chunk - 1)).to(torch.int64)
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, local)
     picked = picked * mine.unsqueeze(-1).to(picked.dtype)
-    return torch.distributed.nn.functional.all_reduce(picked, group=sp.group)
+    return _SumOverGroup.apply(picked, sp.group)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """Differentiable sum over a process group: forward all-reduce, backward all-reduce of the grads
+    (every rank's objective depends on the sum, so each input's gradient is the sum of theirs)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def _forward(sp: SequenceParallel, model, **inputs: Any):

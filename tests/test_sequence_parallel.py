@@ -1,0 +1,160 @@
+"""Sequence parallelism (DeepSpeed Ulysses) of a tiny Croc LLaVA on the CPU.
+
+Fast, in-process: padding to a multiple of N, the whole-row label shift, the head-count rules.
+Two processes (``torchrun --nproc_per_node 2``, gloo, DeepSpeed CPU accelerator; marked
+``multiprocess``): one sequence-parallel step against the unsplit step of the same model (an image
+span across the chunk border, a padded odd length, packed documents), and 3 training steps of
+stage "croc" with SP = 2 against SP = 1 with the same global batch (plain and ZeRO-3).
+
+fp32 tolerance: losses to 1e-5 absolute; gradients of one step to 1e-5 of each tensor's largest
+entry; weights after 3 Adam steps (lr 3e-3) to 1e-4 absolute (Adam's normalisation turns the
+~1e-7 relative gradient differences of summation order into ~1e-5 weight differences).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from croc.data.templates import IGNORE_INDEX  # noqa: E402
+from croc.integrations.sequence_parallel import check_heads  # noqa: E402
+from croc.train.sequence_parallel import pad_to_multiple, shifted_targets  # noqa: E402
+
+WORKER = Path(__file__).with_name("sp_worker.py")
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 tests/sp_worker.py ARGS`` (fails the test on a non-zero exit if ``check``)."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), str(WORKER), *args,
+    ]  # fmt: skip
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=Path.cwd())
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+@pytest.mark.parametrize("length", [7, 8])
+def test_pad_to_multiple_masks_the_padding(length):
+    ids = torch.arange(2 * length).view(2, length) + 5
+    batch = pad_to_multiple({"input_ids": ids, "labels": ids.clone(), "segment_ids": torch.zeros_like(ids)}, 4, 0)
+    padded = -(-length // 4) * 4
+    assert batch["input_ids"].shape == (2, padded)
+    extra = padded - length
+    assert torch.equal(batch["input_ids"][:, :length], ids)
+    assert (batch["attention_mask"][:, length:] == 0).all() and (batch["attention_mask"][:, :length] == 1).all()
+    assert (batch["labels"][:, length:] == IGNORE_INDEX).all()
+    assert (batch["segment_ids"][:, length:] == 1).all()
+    assert torch.equal(batch["position_ids"][:, :length], torch.arange(length).expand(2, length))
+    assert batch["position_ids"].shape == (2, padded) and (batch["position_ids"][:, length:] == 0).all()
+    assert extra == 0 or (batch["input_ids"][:, length:] == 0).all()
+
+
+def test_shifted_targets_cross_chunk_borders_not_documents():
+    labels = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    segments = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    targets = shifted_targets(labels, segments)
+    # position 2 (end of document 0) does not predict 13; the last position predicts nothing;
+    # with chunks of 3 on 2 ranks, position 2 would be the last of chunk 0 if the document went on
+    assert targets.tolist() == [[11, 12, IGNORE_INDEX, 14, 15, IGNORE_INDEX]]
+    assert shifted_targets(labels, None).tolist() == [[11, 12, 13, 14, 15, IGNORE_INDEX]]
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "size", "ok"),
+    [(4, 4, 2, True), (4, 2, 4, True), (4, 2, 2, True), (8, 4, 8, True), (4, 4, 3, False), (8, 4, 3, False), (12, 6, 4, False)],
+)
+def test_check_heads(heads, kv_heads, size, ok):
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv_heads)
+    if ok:
+        check_heads(config, size)
+    else:
+        with pytest.raises(ValueError, match="sequence_parallel_size"):
+            check_heads(config, size)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_one_step_equals_the_unsplit_step(tmp_path):
+    pytest.importorskip("deepspeed")
+    torchrun("step", "--out", str(tmp_path))
+    for rank in (0, 1):
+        diffs = json.loads((tmp_path / f"step-{rank}.json").read_text())
+        assert diffs["ref_loss"] > 0
+        assert diffs["loss"] < 1e-5 and diffs["lm_loss"] < 1e-5 and diffs["recon_loss"] < 1e-5, diffs
+        assert diffs["pool_cols_equal"], diffs
+        assert diffs["grad"] < 1e-5, diffs
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    sys.path.insert(0, str(WORKER.parent))
+    import sp_worker
+
+    return sp_worker.write_data(tmp_path_factory.mktemp("sp_data"))
+
+
+@pytest.fixture(scope="module")
+def unsplit(data, tmp_path_factory):
+    """SP = 1 in this process: the reference weights and logs after 3 steps."""
+    import sp_worker
+
+    out = tmp_path_factory.mktemp("sp1")
+    sp_worker.main(["train", "--data", str(data), "--out", str(out), "--sp", "1"])
+    return torch.load(out / "weights.pt"), json.loads((out / "logs.json").read_text())["logs"]
+
+
+def assert_same_training(weights, logs, reference):
+    ref_weights, ref_logs = reference
+    assert len(logs) == len(ref_logs) == 3
+    for mine, ref in zip(logs, ref_logs):
+        for key in ("loss", "lm_loss", "recon_loss"):
+            assert mine[key] == pytest.approx(ref[key], abs=1e-4), (key, mine, ref)  # logs keep 4 digits
+    assert weights.keys() == ref_weights.keys()
+    for key, value in ref_weights.items():
+        torch.testing.assert_close(weights[key], value, atol=1e-4, rtol=0, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sp2_trains_like_sp1(data, unsplit, tmp_path):
+    pytest.importorskip("deepspeed")
+    torchrun("train", "--data", str(data), "--out", str(tmp_path))
+    logs = json.loads((tmp_path / "logs.json").read_text())["logs"]
+    assert_same_training(torch.load(tmp_path / "weights.pt"), logs, unsplit)
+    start = unsplit[0]["prompt_pool.tokens"]
+    import sp_worker
+    from croc.data import build_synthetic_tokenizer
+
+    initial = sp_worker.tiny_model(build_synthetic_tokenizer()).state_dict()
+    assert not torch.allclose(initial["prompt_pool.tokens"], start)  # the comparison is after real updates
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_zero3_with_sp2_trains_like_sp1(data, unsplit, tmp_path):
+    pytest.importorskip("deepspeed")
+    from croc.model import CrocLlavaForConditionalGeneration
+
+    torchrun("train", "--data", str(data), "--out", str(tmp_path), "--deepspeed", "zero3")
+    logs = json.loads((tmp_path / "logs.json").read_text())["logs"]
+    trained = CrocLlavaForConditionalGeneration.from_pretrained(tmp_path / "final", dtype=torch.float32)
+    assert_same_training(trained.state_dict(), logs, unsplit)
