@@ -16,6 +16,8 @@ import argparse
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +25,25 @@ import torch
 
 IMAGE_SIZE = 16
 MAX_LENGTH = 160
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 tests/sp_worker.py ARGS``; with ``check`` a non-zero exit fails the test."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), str(Path(__file__).resolve()), *args,
+    ]  # fmt: skip
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=Path.cwd())
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
 
 
 def tiny_model(tokenizer, seed: int = 0, stage: str = "croc"):
@@ -110,9 +131,11 @@ def train(opts: argparse.Namespace) -> None:
         trainer.save_model(str(out / "final"))
     elif trainer.is_world_process_zero():
         torch.save(state, out / "weights.pt")
+    rank = int(os.environ.get("RANK", 0))
+    (out / f"skipped-{rank}.json").write_text(json.dumps(dataset.skipped))
     if trainer.is_world_process_zero():
         logs = [e for e in trainer.state.log_history if "loss" in e]
-        (out / "logs.json").write_text(json.dumps({"logs": logs, "skipped": dataset.skipped}))
+        (out / "logs.json").write_text(json.dumps({"logs": logs}))
 
 
 def step(opts: argparse.Namespace) -> None:

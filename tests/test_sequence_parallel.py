@@ -12,11 +12,6 @@ entry; weights after 3 Adam steps (lr 3e-3) to 1e-4 absolute (Adam's normalisati
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,28 +22,7 @@ pytest.importorskip("tokenizers")
 from croc.data.templates import IGNORE_INDEX  # noqa: E402
 from croc.integrations.sequence_parallel import check_heads  # noqa: E402
 from croc.train.sequence_parallel import pad_to_multiple, shifted_targets  # noqa: E402
-
-WORKER = Path(__file__).with_name("sp_worker.py")
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 tests/sp_worker.py ARGS`` (fails the test on a non-zero exit if ``check``)."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_port()), str(WORKER), *args,
-    ]  # fmt: skip
-    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=Path.cwd())
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
-
+from sp_worker import tiny_model, torchrun, write_data  # noqa: E402
 
 @pytest.mark.parametrize("length", [7, 8])
 def test_pad_to_multiple_masks_the_padding(length):
@@ -106,10 +80,7 @@ def test_one_step_equals_the_unsplit_step(tmp_path):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    sys.path.insert(0, str(WORKER.parent))
-    import sp_worker
-
-    return sp_worker.write_data(tmp_path_factory.mktemp("sp_data"))
+    return write_data(tmp_path_factory.mktemp("sp_data"))
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +112,9 @@ def test_sp2_trains_like_sp1(data, unsplit, tmp_path):
     logs = json.loads((tmp_path / "logs.json").read_text())["logs"]
     assert_same_training(torch.load(tmp_path / "weights.pt"), logs, unsplit)
     start = unsplit[0]["prompt_pool.tokens"]
-    import sp_worker
     from croc.data import build_synthetic_tokenizer
 
-    initial = sp_worker.tiny_model(build_synthetic_tokenizer()).state_dict()
+    initial = tiny_model(build_synthetic_tokenizer()).state_dict()
     assert not torch.allclose(initial["prompt_pool.tokens"], start)  # the comparison is after real updates
 
 
