@@ -19,6 +19,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -44,6 +46,20 @@ def torchrun(*args: str, timeout: float = 240, check: bool = True) -> subprocess
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
+
+
+def launch_without_agent(*args: str) -> list[subprocess.Popen]:
+    """Start the two ranks of ``sp_worker.py ARGS`` as plain processes (no torchrun agent to end them)."""
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
+        command = [sys.executable, str(Path(__file__).resolve()), *args]
+        procs.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    return procs
 
 
 def tiny_model(tokenizer, seed: int = 0, stage: str = "croc"):
@@ -76,14 +92,16 @@ def write_data(root: Path, count: int = 24, broken: tuple[int, ...] = ()) -> Pat
 
 
 class _KillAt:
-    """Trainer callback: SIGKILL this process when step ``step`` begins (after earlier checkpoints)."""
+    """Trainer callback: SIGKILL this process when step ``step`` begins (after earlier checkpoints),
+    writing the time of the kill to ``stamp`` first."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, stamp: Path) -> None:
         from transformers import TrainerCallback
 
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
                 if state.global_step == step:
+                    stamp.write_text(repr(time.time()))
                     os.kill(os.getpid(), signal.SIGKILL)
 
         self.callback = Callback()
@@ -100,7 +118,7 @@ def train(opts: argparse.Namespace) -> None:
     if distributed:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=opts.timeout))
     model = tiny_model(tokenizer, stage=opts.stage)
     sequence_parallel = None
     if opts.sp > 1:
@@ -121,12 +139,18 @@ def train(opts: argparse.Namespace) -> None:
         ddp_timeout=opts.timeout,
     )  # fmt: skip
     collator = LlavaCollator(tokenizer.pad_token_id, packing=True, max_length=MAX_LENGTH)
-    callbacks = [_KillAt(opts.kill_at).callback] if opts.kill_at and int(os.environ.get("RANK", 0)) == 1 else None
+    callbacks = (
+        [_KillAt(opts.kill_at, out / "killed_at").callback]
+        if opts.kill_at and int(os.environ.get("RANK", 0)) == 1
+        else None
+    )
     trainer = train_stage(
         model, opts.stage, dataset, collator, args, callbacks=callbacks,
         resume_from_checkpoint=opts.resume, sequence_parallel=sequence_parallel,
     )  # fmt: skip
-    state = {k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+    state = {
+        k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()
+    }
     if opts.deepspeed == "zero3":
         trainer.save_model(str(out / "final"))
     elif trainer.is_world_process_zero():
@@ -187,7 +211,9 @@ def step(opts: argparse.Namespace) -> None:
         "lm_loss": abs(float(out.lm_loss) - float(ref.lm_loss)),
         "recon_loss": abs(float(out.recon_loss) - float(ref.recon_loss)),
         "pool_cols_equal": bool(torch.equal(out.pool_cols, ref.pool_cols)),
-        "grad": max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-12)) for g, r in zip(mean, ref_grads)),
+        "grad": max(
+            float((g - r).abs().max() / r.abs().max().clamp_min(1e-12)) for g, r in zip(mean, ref_grads)
+        ),
         "ref_loss": float(ref.loss),
     }
     Path(opts.out, f"step-{torch.distributed.get_rank()}.json").write_text(json.dumps(diffs))

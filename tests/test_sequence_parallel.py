@@ -19,20 +19,26 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from croc.data.templates import IGNORE_INDEX  # noqa: E402
-from croc.integrations.sequence_parallel import check_heads  # noqa: E402
-from croc.train.sequence_parallel import pad_to_multiple, shifted_targets  # noqa: E402
-from sp_worker import tiny_model, torchrun, write_data  # noqa: E402
+from sp_worker import tiny_model, torchrun, write_data
+
+from croc.data.templates import IGNORE_INDEX
+from croc.integrations.sequence_parallel import check_heads
+from croc.train.sequence_parallel import pad_to_multiple, shifted_targets
+
 
 @pytest.mark.parametrize("length", [7, 8])
 def test_pad_to_multiple_masks_the_padding(length):
     ids = torch.arange(2 * length).view(2, length) + 5
-    batch = pad_to_multiple({"input_ids": ids, "labels": ids.clone(), "segment_ids": torch.zeros_like(ids)}, 4, 0)
+    batch = pad_to_multiple(
+        {"input_ids": ids, "labels": ids.clone(), "segment_ids": torch.zeros_like(ids)}, 4, 0
+    )
     padded = -(-length // 4) * 4
     assert batch["input_ids"].shape == (2, padded)
     extra = padded - length
     assert torch.equal(batch["input_ids"][:, :length], ids)
-    assert (batch["attention_mask"][:, length:] == 0).all() and (batch["attention_mask"][:, :length] == 1).all()
+    assert (batch["attention_mask"][:, length:] == 0).all() and (
+        batch["attention_mask"][:, :length] == 1
+    ).all()
     assert (batch["labels"][:, length:] == IGNORE_INDEX).all()
     assert (batch["segment_ids"][:, length:] == 1).all()
     assert torch.equal(batch["position_ids"][:, :length], torch.arange(length).expand(2, length))
@@ -52,7 +58,15 @@ def test_shifted_targets_cross_chunk_borders_not_documents():
 
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "size", "ok"),
-    [(4, 4, 2, True), (4, 2, 4, True), (4, 2, 2, True), (8, 4, 8, True), (4, 4, 3, False), (8, 4, 3, False), (12, 6, 4, False)],
+    [
+        (4, 4, 2, True),
+        (4, 2, 4, True),
+        (4, 2, 2, True),
+        (8, 4, 8, True),
+        (4, 4, 3, False),
+        (8, 4, 3, False),
+        (12, 6, 4, False),
+    ],
 )
 def test_check_heads(heads, kv_heads, size, ok):
     from types import SimpleNamespace

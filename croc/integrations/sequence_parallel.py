@@ -41,7 +41,9 @@ def check_heads(text_config: Any, size: int) -> None:
     heads = int(text_config.num_attention_heads)
     kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
     if heads % size:
-        raise ValueError(f"sequence_parallel_size ({size}) must divide the number of attention heads ({heads})")
+        raise ValueError(
+            f"sequence_parallel_size ({size}) must divide the number of attention heads ({heads})"
+        )
     if kv_heads % size and size % kv_heads:
         raise ValueError(
             f"sequence_parallel_size ({size}) must divide the number of kv heads ({kv_heads}) or be a multiple of it"

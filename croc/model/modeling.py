@@ -306,7 +306,7 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             raise ValueError("logits_to_keep must be 0 when labels are given")
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         sequence_parallel = kwargs.pop("sequence_parallel", None)
-        if sequence_parallel is not None:  # a croc.train.sequence_parallel step: this rank's chunk of the rows
+        if sequence_parallel is not None:  # croc.train.sequence_parallel: this rank's chunk of the rows
             return sequence_parallel.forward(
                 self, input_ids=input_ids, labels=labels, attention_mask=attention_mask,
                 pixel_values=pixel_values, segment_ids=segment_ids, position_ids=position_ids,

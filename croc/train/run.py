@@ -195,10 +195,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage not in STAGES:
         parser.error(f"--stage must be one of {STAGES}, got {args.stage!r}")
     if training_args.deepspeed or args.sequence_parallel_size > 1:
+        from datetime import timedelta
+
         import deepspeed
 
         # ZeRO-3 partitions the weights while they load, so DeepSpeed must know the world size first
-        deepspeed.init_distributed(dist_backend=training_args.ddp_backend)
+        deepspeed.init_distributed(
+            dist_backend=training_args.ddp_backend, timeout=timedelta(seconds=training_args.ddp_timeout)
+        )
     model, tokenizer, image_processor = _load(args, training_args)
     sequence_parallel = None
     if args.sequence_parallel_size > 1:

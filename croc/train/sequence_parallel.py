@@ -245,7 +245,9 @@ def _forward(sp: SequenceParallel, model, **inputs: Any):
     targets = shifted_targets(labels, segment_ids)
     count = (targets != IGNORE_INDEX).sum().clamp_min(1)
     local = targets[:, chunk].reshape(-1)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), local, ignore_index=IGNORE_INDEX, reduction="sum")
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), local, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     lm_share = ce / count
     lm_value = lm_share.detach().clone()
     dist.all_reduce(lm_value, group=sp.group)
