@@ -7,7 +7,9 @@ reference, imported and called in one process. Modes:
   a sequence-parallel forward/backward against the unsplit forward/backward of the same model on
   every rank; writes the largest loss and gradient differences to ``--out/step-<rank>.json``.
 - ``train``: ``train_stage`` in stage ``--stage`` on a synthetic LLaVA dataset (packed rows), with
-  ``--sp`` ranks per row (and ``--deepspeed``), saving the final weights and the loss logs.
+  ``--sp`` ranks per row (given to ``train_stage``, or with ``--via_parallelism_config`` as
+  ``TrainingArguments(parallelism_config=ParallelismConfig(sp_size=...))``) and ``--deepspeed``,
+  saving the final weights and the loss logs.
 """
 
 from __future__ import annotations
@@ -62,15 +64,17 @@ def launch_without_agent(*args: str) -> list[subprocess.Popen]:
     return procs
 
 
-def tiny_model(tokenizer, seed: int = 0, stage: str = "croc"):
+def tiny_model(tokenizer, seed: int = 0, stage: str = "croc", text_model: str = "llama", **fields):
     from croc.model import CrocLlavaForConditionalGeneration, tiny_config
 
     torch.manual_seed(seed)
     config = tiny_config(
+        text_model,
         text_overrides=dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         prompt_pool_size=24,
         stage=stage,
+        **fields,
     )
     return CrocLlavaForConditionalGeneration(config)
 
@@ -120,8 +124,12 @@ def train(opts: argparse.Namespace) -> None:
 
         deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=opts.timeout))
     model = tiny_model(tokenizer, stage=opts.stage)
-    sequence_parallel = None
-    if opts.sp > 1:
+    sequence_parallel, parallelism = None, {}
+    if opts.sp > 1 and opts.via_parallelism_config:
+        from accelerate.parallelism_config import ParallelismConfig
+
+        parallelism = {"parallelism_config": ParallelismConfig(sp_size=opts.sp)}
+    elif opts.sp > 1:
         from croc.train.sequence_parallel import setup_sequence_parallel
 
         sequence_parallel = setup_sequence_parallel(model, opts.sp)
@@ -136,7 +144,7 @@ def train(opts: argparse.Namespace) -> None:
         logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, seed=0, weight_decay=0.0,
         save_strategy="steps" if opts.save_steps else "no", save_steps=opts.save_steps or 500,
         deepspeed=deepspeed_config_path(opts.deepspeed) if opts.deepspeed else None, ddp_backend="gloo" if distributed else None,
-        ddp_timeout=opts.timeout,
+        ddp_timeout=opts.timeout, **parallelism,
     )  # fmt: skip
     collator = LlavaCollator(tokenizer.pad_token_id, packing=True, max_length=MAX_LENGTH)
     callbacks = (
@@ -166,18 +174,56 @@ def step(opts: argparse.Namespace) -> None:
     import deepspeed
 
     from croc.data import build_synthetic_tokenizer
-    from croc.pool import random_replace_mask
     from croc.train.sequence_parallel import setup_sequence_parallel
 
     deepspeed.init_distributed(dist_backend="gloo")
     tokenizer = build_synthetic_tokenizer()
-    model = tiny_model(tokenizer)
-    config = model.config
-    per_image = config.image_seq_length
-    # row 0: text, image, text, a second document with an image that crosses the middle (L = 75:
-    # padded to 76, chunk border at 38); row 1: text then an image starting right at the border
-    length = 75
-    ids = torch.randint(5, len(tokenizer), (2, length), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for name, text_model, stage, mask_kind in STEP_CASES:
+        model = tiny_model(tokenizer, stage=stage, text_model=text_model, mask_kind=mask_kind)
+        batch = _step_batch(model.config, len(tokenizer))
+        params = [p for p in model.parameters() if p.requires_grad]
+        ref = model(**batch)
+        ref_grads = torch.autograd.grad(ref.loss, params)
+        out = model(**batch, sequence_parallel=setup_sequence_parallel(model, 2))
+        grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+        mean = []
+        for grad, p in zip(grads, params):
+            grad = torch.zeros_like(p) if grad is None else grad.clone()
+            torch.distributed.all_reduce(grad)
+            mean.append(grad / 2)
+        results[name] = {
+            "loss": abs(float(out.loss) - float(ref.loss)),
+            "lm_loss": abs(float(out.lm_loss) - float(ref.lm_loss)),
+            "recon_loss": 0.0
+            if ref.recon_loss is None
+            else abs(float(out.recon_loss) - float(ref.recon_loss)),
+            "pool_cols_equal": ref.pool_cols is None or bool(torch.equal(out.pool_cols, ref.pool_cols)),
+            "grad": max(float((g - r).abs().max() / r.abs().max()) for g, r in zip(mean, ref_grads)),
+            "ref_loss": float(ref.loss.detach()),
+            "has_recon": ref.recon_loss is not None,
+        }
+    Path(opts.out, f"step-{torch.distributed.get_rank()}.json").write_text(json.dumps(results))
+
+
+# (name, text model, stage, mask kind); qwen2 has 2 kv heads for 4 query heads (GQA, 1 kv head per rank)
+STEP_CASES = [
+    ("croc", "llama", "croc", "image"),
+    ("croc-prefix", "llama", "croc", "prefix"),
+    ("croc-gqa", "qwen2", "croc", "image"),
+    ("projector", "llama", "projector", "image"),
+    ("finetune", "llama", "finetune", "image"),
+]
+
+
+def _step_batch(config, vocab: int) -> dict[str, torch.Tensor]:
+    """Two rows of 75 tokens (padded to 76: chunk border at 38). Row 0: text, image, text, then a
+    second document whose image crosses the border (30..46); row 1: an image starting right at the
+    border, right padding from 70."""
+    from croc.pool import random_replace_mask
+
+    per_image, length = config.image_seq_length, 75
+    ids = torch.randint(5, vocab, (2, length), generator=torch.Generator().manual_seed(1))
     ids[0, 4 : 4 + per_image] = config.image_token_id
     ids[0, 30 : 30 + per_image] = config.image_token_id
     ids[1, 38 : 38 + per_image] = config.image_token_id
@@ -193,30 +239,8 @@ def step(opts: argparse.Namespace) -> None:
     labels[1, 70:] = -100
     pixels = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(2))
     replace = random_replace_mask(3, per_image, config.replace_ratio, torch.Generator().manual_seed(3))
-    batch = dict(input_ids=ids, labels=labels, attention_mask=attention_mask, pixel_values=pixels,
-                 segment_ids=segment_ids, position_ids=position_ids, replace_mask=replace)  # fmt: skip
-    params = [p for p in model.parameters() if p.requires_grad]
-    ref = model(**batch)
-    ref_grads = torch.autograd.grad(ref.loss, params)
-    sp = setup_sequence_parallel(model, 2)
-    out = model(**batch, sequence_parallel=sp)
-    grads = torch.autograd.grad(out.loss, params, allow_unused=True)
-    mean = []
-    for grad, p in zip(grads, params):
-        grad = torch.zeros_like(p) if grad is None else grad.clone()
-        torch.distributed.all_reduce(grad)
-        mean.append(grad / 2)
-    diffs = {
-        "loss": abs(float(out.loss) - float(ref.loss)),
-        "lm_loss": abs(float(out.lm_loss) - float(ref.lm_loss)),
-        "recon_loss": abs(float(out.recon_loss) - float(ref.recon_loss)),
-        "pool_cols_equal": bool(torch.equal(out.pool_cols, ref.pool_cols)),
-        "grad": max(
-            float((g - r).abs().max() / r.abs().max().clamp_min(1e-12)) for g, r in zip(mean, ref_grads)
-        ),
-        "ref_loss": float(ref.loss),
-    }
-    Path(opts.out, f"step-{torch.distributed.get_rank()}.json").write_text(json.dumps(diffs))
+    return dict(input_ids=ids, labels=labels, attention_mask=attention_mask, pixel_values=pixels,
+                segment_ids=segment_ids, position_ids=position_ids, replace_mask=replace)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -233,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume")
     parser.add_argument("--on_error", default="raise")
     parser.add_argument("--timeout", type=int, default=60)
+    parser.add_argument("--via_parallelism_config", action="store_true")
     opts = parser.parse_args(argv)
     Path(opts.out).mkdir(parents=True, exist_ok=True)
     {"train": train, "step": step}[opts.mode](opts)

@@ -85,11 +85,16 @@ def test_one_step_equals_the_unsplit_step(tmp_path):
     pytest.importorskip("deepspeed")
     torchrun("step", "--out", str(tmp_path))
     for rank in (0, 1):
-        diffs = json.loads((tmp_path / f"step-{rank}.json").read_text())
-        assert diffs["ref_loss"] > 0
-        assert diffs["loss"] < 1e-5 and diffs["lm_loss"] < 1e-5 and diffs["recon_loss"] < 1e-5, diffs
-        assert diffs["pool_cols_equal"], diffs
-        assert diffs["grad"] < 1e-5, diffs
+        results = json.loads((tmp_path / f"step-{rank}.json").read_text())
+        assert set(results) == {"croc", "croc-prefix", "croc-gqa", "projector", "finetune"}
+        for name, diffs in results.items():
+            assert diffs["ref_loss"] > 0 and diffs["has_recon"] == name.startswith("croc"), (name, diffs)
+            assert diffs["loss"] < 1e-5 and diffs["lm_loss"] < 1e-5 and diffs["recon_loss"] < 1e-5, (
+                name,
+                diffs,
+            )
+            assert diffs["pool_cols_equal"], (name, diffs)
+            assert diffs["grad"] < 1e-5, (name, diffs)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +127,7 @@ def assert_same_training(weights, logs, reference):
 @pytest.mark.multiprocess
 def test_sp2_trains_like_sp1(data, unsplit, tmp_path):
     pytest.importorskip("deepspeed")
-    torchrun("train", "--data", str(data), "--out", str(tmp_path))
+    torchrun("train", "--data", str(data), "--out", str(tmp_path), "--via_parallelism_config")
     logs = json.loads((tmp_path / "logs.json").read_text())["logs"]
     assert_same_training(torch.load(tmp_path / "weights.pt"), logs, unsplit)
     start = unsplit[0]["prompt_pool.tokens"]
