@@ -147,3 +147,39 @@ def test_zero3_with_sp2_trains_like_sp1(data, unsplit, tmp_path):
     logs = json.loads((tmp_path / "logs.json").read_text())["logs"]
     trained = CrocLlavaForConditionalGeneration.from_pretrained(tmp_path / "final", dtype=torch.float32)
     assert_same_training(trained.state_dict(), logs, unsplit)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_croc_train_cli_with_sequence_parallel_size(data, tmp_path):
+    pytest.importorskip("deepspeed")
+    import subprocess
+    import sys
+
+    from sp_worker import ENV, IMAGE_SIZE, MAX_LENGTH, free_port
+
+    from croc.data import build_image_processor, build_synthetic_tokenizer
+    from croc.model import CrocLlavaForConditionalGeneration
+
+    tokenizer = build_synthetic_tokenizer()
+    model = tiny_model(tokenizer, stage="projector")
+    init, out = tmp_path / "init", tmp_path / "out"
+    model.save_pretrained(init)
+    tokenizer.save_pretrained(init)
+    build_image_processor(IMAGE_SIZE).save_pretrained(init)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        "-m", "croc.cli", "train", "--stage", "projector", "--sequence_parallel_size", "2",
+        "--model_name_or_path", str(init), "--data_path", str(data), "--image_folder", str(data.parent / "images"),
+        "--max_length", str(MAX_LENGTH), "--output_dir", str(out), "--use_cpu", "--ddp_backend", "gloo",
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--logging_steps", "1",
+        "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert sum("'lm_loss'" in line for line in (result.stdout + result.stderr).splitlines()) == 2
+    trained = CrocLlavaForConditionalGeneration.from_pretrained(out)
+    assert trained.config.text_config._attn_implementation != "croc_mixed_ulysses"
+    before, after = model.state_dict(), trained.state_dict()
+    changed = {key for key, value in after.items() if not torch.equal(value, before[key])}
+    assert changed and all(key.startswith("model.multi_modal_projector.") for key in changed), changed
