@@ -11,7 +11,9 @@ entry; weights after 3 Adam steps (lr 3e-3) to 1e-4 absolute (Adam's normalisati
 ~1e-7 relative gradient differences of summation order into ~1e-5 weight differences).
 """
 
+import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +185,21 @@ def test_croc_train_cli_with_sequence_parallel_size(data, tmp_path):
     before, after = model.state_dict(), trained.state_dict()
     changed = {key for key, value in after.items() if not torch.equal(value, before[key])}
     assert changed and all(key.startswith("model.multi_modal_projector.") for key in changed), changed
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_train_step_benchmark_sequence_parallel_quick(tmp_path):
+    pytest.importorskip("deepspeed")
+    import subprocess
+    import sys
+
+    from sp_worker import ENV
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+    command = [sys.executable, str(script), "--out", str(tmp_path), "--quick", "--sequence_parallel", "2"]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    (row,) = list(csv.DictReader((tmp_path / "train_step_sp_cpu.csv").open()))
+    assert row["provider"] == "croc-sp2" and row["status"] == "ok" and row["world_size"] == "2"
+    assert float(row["step_ms"]) > 0 and int(row["tokens"]) > 0
