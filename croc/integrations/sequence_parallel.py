@@ -69,7 +69,11 @@ def register_ulysses(text_config: Any, group: Any) -> str:
         group: the torch/deepspeed process group of one sequence-parallel group (N ranks).
     """
     from deepspeed import comm as ds_comm
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    try:
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    except ImportError as err:
+        raise ImportError("sequence parallelism needs deepspeed>=0.18.2 (UlyssesSPAttentionHF)") from err
 
     size = ds_comm.get_world_size(group)
     check_heads(text_config, size)

@@ -84,7 +84,7 @@ class SequenceParallel:
     def replace_mask(self, num_images: int, per_image: int, ratio: float, device) -> torch.Tensor:
         """bool [I, T]: :func:`croc.random_replace_mask` drawn on the group's first rank, the same on all."""
         mask = random_replace_mask(num_images, per_image, ratio, device=device).to(torch.uint8)
-        dist.broadcast(mask, group=self.group, group_src=0)
+        dist.broadcast(mask, src=dist.get_global_rank(self.group, 0), group=self.group)
         return mask.bool()
 
     @contextlib.contextmanager
@@ -279,6 +279,7 @@ def sequence_parallel_dataloader(trainer, sp: SequenceParallel):
     """
     from accelerate.data_loader import prepare_data_loader
     from torch.utils.data import DataLoader
+    from transformers.trainer_utils import seed_worker
 
     args, accelerator = trainer.args, trainer.accelerator
     loader = DataLoader(
@@ -289,6 +290,10 @@ def sequence_parallel_dataloader(trainer, sp: SequenceParallel):
         num_workers=args.dataloader_num_workers,
         pin_memory=args.dataloader_pin_memory,
         drop_last=args.dataloader_drop_last,
+        # workers seeded by the group index: the ranks of a group load alike
+        worker_init_fn=functools.partial(
+            seed_worker, num_workers=args.dataloader_num_workers, rank=sp.dp_rank
+        ),
     )
     return prepare_data_loader(
         loader,
