@@ -6,9 +6,11 @@ Two processes (``torchrun --nproc_per_node 2``, gloo, DeepSpeed CPU accelerator;
 span across the chunk border, a padded odd length, packed documents), and 3 training steps of
 stage "croc" with SP = 2 against SP = 1 with the same global batch (plain and ZeRO-3).
 
-fp32 tolerance: losses to 1e-5 absolute; gradients of one step to 1e-5 of each tensor's largest
-entry; weights after 3 Adam steps (lr 3e-3) to 1e-4 absolute (Adam's normalisation turns the
-~1e-7 relative gradient differences of summation order into ~1e-5 weight differences).
+fp32 tolerance: losses of one step to 1e-5 absolute (measured <= 5e-7); gradients of one step to
+1e-5 of each tensor's largest entry (measured <= 8e-7); after 3 AdamW steps (lr 3e-3) the logged
+losses to 1e-4 (4 logged digits), the gradient norm to 1e-3 relative and every weight to 5e-5
+absolute (measured 3.5e-6 plain, 6.4e-6 ZeRO-3: Adam's normalisation turns the ~1e-7 relative
+gradient differences of summation order into ~1e-6 weight differences).
 """
 
 import csv
@@ -124,7 +126,7 @@ def assert_same_training(weights, logs, reference):
         assert float(mine["grad_norm"]) == pytest.approx(float(ref["grad_norm"]), rel=1e-3), (mine, ref)
     assert weights.keys() == ref_weights.keys()
     for key, value in ref_weights.items():
-        torch.testing.assert_close(weights[key], value, atol=1e-4, rtol=0, msg=key)
+        torch.testing.assert_close(weights[key], value, atol=5e-5, rtol=0, msg=key)
 
 
 @pytest.mark.slow
