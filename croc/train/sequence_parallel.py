@@ -208,7 +208,34 @@ class _SumOverGroup(torch.autograd.Function):
         return grad, None
 
 
+def _lm_loss(
+    logits: torch.Tensor, targets: torch.Tensor, chunk: slice, sp: SequenceParallel
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N * this rank's share of the LM loss, the whole LM loss without grad), float32 scalars.
+
+    ``logits`` [B, C, V] of this rank's chunk, ``targets`` int64 [B, L] shifted on whole rows.
+    """
+    count = (targets != IGNORE_INDEX).sum().clamp_min(1)
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    summed = F.cross_entropy(flat, targets[:, chunk].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    share = summed / count
+    value = share.detach().clone()
+    dist.all_reduce(value, group=sp.group)
+    return sp.size * share, value
+
+
+def _reconstruction_loss(
+    model, hidden: torch.Tensor, embedded, length: int, sp: SequenceParallel
+) -> torch.Tensor:
+    """float32 scalar: the unsplit reconstruction loss, the head run on every image's whole hidden states."""
+    num_images, per_image, _ = embedded.visual.shape
+    image_hidden = _local_image_hidden(hidden, embedded.image_index, length, sp)
+    prediction = model.reconstruction_head(image_hidden.view(num_images, per_image, -1))
+    return reconstruction_loss(prediction, embedded.visual, model.config.recon_beta)
+
+
 def _forward(sp: SequenceParallel, model, **inputs: Any):
+    """:meth:`SequenceParallel.forward`: pad, embed and mask whole rows, the LLM on this chunk, losses."""
     from croc.model.modeling import CrocLlavaOutput
 
     if inputs.get("labels") is None or inputs.get("input_ids") is None:
@@ -242,21 +269,10 @@ def _forward(sp: SequenceParallel, model, **inputs: Any):
         )
     hidden = lm_out.last_hidden_state
     logits = model.lm_head(hidden)
-    targets = shifted_targets(labels, segment_ids)
-    count = (targets != IGNORE_INDEX).sum().clamp_min(1)
-    local = targets[:, chunk].reshape(-1)
-    ce = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), local, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    lm_share = ce / count
-    lm_value = lm_share.detach().clone()
-    dist.all_reduce(lm_value, group=sp.group)
-    share, value, recon = sp.size * lm_share, lm_value, None
+    share, lm_value = _lm_loss(logits, shifted_targets(labels, segment_ids), chunk, sp)
+    value, recon = lm_value, None
     if croc_objective:
-        num_images, per_image, _ = embedded.visual.shape
-        image_hidden = _local_image_hidden(hidden, embedded.image_index, length, sp)
-        prediction = model.reconstruction_head(image_hidden.view(num_images, per_image, -1))
-        recon = reconstruction_loss(prediction, embedded.visual, config.recon_beta)
+        recon = _reconstruction_loss(model, hidden, embedded, length, sp)
         share = share + config.recon_loss_weight * recon
         value = value + config.recon_loss_weight * recon.detach()
     loss = share + (value - share).detach()
