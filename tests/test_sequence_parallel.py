@@ -207,3 +207,30 @@ def test_train_step_benchmark_sequence_parallel_quick(tmp_path):
     (row,) = list(csv.DictReader((tmp_path / "train_step_sp_cpu.csv").open()))
     assert row["provider"] == "croc-sp2" and row["status"] == "ok" and row["world_size"] == "2"
     assert float(row["step_ms"]) > 0 and int(row["tokens"]) > 0
+
+
+@pytest.mark.parametrize(("size", "match"), [(1, "int >= 2"), (True, "int >= 2"), (2, "torch.distributed")])
+def test_setup_rejects_bad_sizes_and_a_missing_process_group(size, match):
+    pytest.importorskip("deepspeed")
+    import torch.distributed as dist
+
+    from croc.data import build_synthetic_tokenizer
+    from croc.train.sequence_parallel import setup_sequence_parallel
+
+    if dist.is_initialized():
+        pytest.skip("needs a process without torch.distributed")
+    with pytest.raises(ValueError, match=match):
+        setup_sequence_parallel(tiny_model(build_synthetic_tokenizer()), size)
+
+
+def test_parallelism_config_without_sp_keeps_the_unsplit_path(tmp_path):
+    from types import SimpleNamespace
+
+    from croc.train.sequence_parallel import from_parallelism_config
+
+    assert from_parallelism_config(None, SimpleNamespace(parallelism_config=None)) is None
+    assert (
+        from_parallelism_config(None, SimpleNamespace(parallelism_config=SimpleNamespace(sp_size=1))) is None
+    )
+    with pytest.raises(ValueError, match="model"):
+        from_parallelism_config(None, SimpleNamespace(parallelism_config=SimpleNamespace(sp_size=2)))
