@@ -30,11 +30,15 @@ def _rows(num_rows: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
     """num_rows checked (an integer tensor [B] on cost's device) and made int64; values are
     checked by the backend (on CUDA inside the kernel, without a host sync)."""
     if not isinstance(num_rows, torch.Tensor):
-        raise TypeError(f"num_rows must be an integer torch.Tensor of shape [batch], got {type(num_rows).__name__}")
+        raise TypeError(
+            f"num_rows must be an integer torch.Tensor of shape [batch], got {type(num_rows).__name__}"
+        )
     if num_rows.dtype.is_floating_point or num_rows.dtype.is_complex or num_rows.dtype == torch.bool:
         raise ValueError(f"num_rows must be an integer tensor, got {num_rows.dtype}")
     if cost.dim() != 3:
-        raise ValueError(f"num_rows needs a batched cost [batch, n, m], got cost of shape {tuple(cost.shape)}")
+        raise ValueError(
+            f"num_rows needs a batched cost [batch, n, m], got cost of shape {tuple(cost.shape)}"
+        )
     if tuple(num_rows.shape) != (cost.shape[0],):
         raise ValueError(
             f"num_rows must have shape [{cost.shape[0]}] (one count per problem), got {tuple(num_rows.shape)}"

@@ -136,7 +136,9 @@ def _resolve(backend: str, device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else "cpu"
 
 
-def solve(cost: torch.Tensor, maximize: bool, backend: str, num_rows: torch.Tensor | None = None) -> torch.Tensor:
+def solve(
+    cost: torch.Tensor, maximize: bool, backend: str, num_rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """Solves a batch of validated problems with the chosen backend.
 
     Args:
