@@ -362,7 +362,12 @@ def test_from_pretrained_llava_checkpoint_and_save_load_round_trip(tmp_path):
     ("overrides", "match"),
     [
         ({"stage": "pretrain"}, "stage"),
-        ({"mask_kind": "causal"}, "mask_kind"),
+        ({"mask_kind": "sliding"}, "mask_kind"),
+        ({"assignment_scope": "batch"}, "assignment_scope"),
+        ({"recon_head": "mlp"}, "recon_head"),
+        ({"recon_tokens": "kept"}, "recon_tokens"),
+        ({"max_image_tokens": 0}, "max_image_tokens"),
+        ({"pool_lr": -1.0}, "pool_lr"),
         ({"assignment": "auction"}, "assignment"),
         ({"replace_ratio": 1.5}, "replace_ratio"),
         ({"attention_backend": "cuda"}, "attention_backend"),
