@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import AutoConfig, LlavaConfig
 
+from croc.recipes import RECIPE_NAMES
+
 __all__ = [
     "ASSIGNMENTS",
     "ASSIGNMENT_SCOPES",
@@ -108,6 +110,7 @@ class CrocLlavaConfig(LlavaConfig):
             ("recon_tokens", RECON_TOKENS),
             ("pool_init", POOL_INITS),
             ("attention_backend", _BACKENDS),
+            ("recipe", (*RECIPE_NAMES, "custom")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
