@@ -82,7 +82,7 @@ RECIPES: MappingProxyType = MappingProxyType(
             "croc-release",
             "released Croc code: prefix mask, nearest pool token, normalised visual tokens",
             {"mask_kind": "prefix", "assignment": "nearest", "normalize_visual": True},
-            {"learning_rate": 2e-5, "lr_scheduler_type": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0},
+            {"learning_rate": 2e-5, "lr_scheduler_type": "cosine", "warmup_steps": 0.03, "weight_decay": 0.0},
         ),
         "victor": _recipe(
             "victor",
