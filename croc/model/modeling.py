@@ -13,9 +13,13 @@ The text model always runs the ``"croc_mixed"`` attention (equal to ``"sdpa"`` w
   detached). ``loss = lm_loss + recon_loss_weight * recon_loss``. Without ``labels`` (generation)
   nothing is replaced: the prefill uses the mixed mask, decoding steps are causal over the cache.
 
-Inputs follow LLaVA: ``input_ids`` hold ``config.image_token_id`` once per visual token
-(``image_seq_length`` per image), ``pixel_values`` [I, 3, H, W] hold the I images in the order
-their tokens appear (row-major over the batch).
+Inputs follow LLaVA: ``input_ids`` hold ``config.image_token_id`` once per visual token, one run
+per image, ``pixel_values`` [I, 3, H, W] (or a list of I images of different sizes) hold the I
+images in the order their tokens appear (row-major over the batch); a row may hold several
+images. Images may have different numbers of visual tokens (:mod:`croc.model.ragged`), up to
+``config.max_image_tokens``. The recipe fields of the config (:mod:`croc.recipes`) choose the
+mask (``mask_kind``), the pool assignment and its scope (per image or per sample), whether visual
+tokens are L2-normalised before the LLM, the reconstruction head and the tokens it covers.
 """
 
 from __future__ import annotations
