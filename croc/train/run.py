@@ -63,7 +63,8 @@ class CrocArguments:
         default=None, metadata={"help": "croc: fraction of visual tokens replaced by pool tokens (0.75)"}
     )
     mask_kind: str | None = field(
-        default=None, metadata={"help": "croc: bidirectional 'image' spans (paper) or the whole 'prefix'"}
+        default=None,
+        metadata={"help": "croc: bidirectional 'image' spans (paper), the whole 'prefix', or 'causal'"},
     )
     assignment: str | None = field(
         default=None, metadata={"help": "croc: pool assignment 'hungarian' (one-to-one) or 'nearest'"}
