@@ -63,6 +63,13 @@ def test_flex_forward_equals_reference_and_zeroes_empty_rows():
     want = croc.mixed_attention(q, k, v, mask, backend="reference")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert mask.row_is_empty().any()
+    lay = random_layout(3, 45, seed=2)  # a new layout, same shapes: no recompile
+    other = croc.MixedMask.from_spans(lay.span_ids, lay.attention_mask, lay.segment_ids)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = croc.mixed_attention(q, k, v, other, backend="flex")
+    torch.testing.assert_close(
+        got, croc.mixed_attention(q, k, v, other, backend="reference"), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_kernel_options_only_for_flex():
