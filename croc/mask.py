@@ -340,6 +340,13 @@ class MixedMask:
 
         return block_metadata(self, block_q, block_k)
 
+    def to_block_mask(self, block_size: int | tuple[int, int] = 128):
+        """FlexAttention's ``BlockMask`` built from the intervals (no ``create_block_mask``, no dense
+        mask, no host sync); see :func:`croc.ops.flex_attention.block_mask_from_intervals`."""
+        from croc.ops.flex_attention import block_mask_from_intervals
+
+        return block_mask_from_intervals(self.kv_start, self.kv_end, self.num_keys, block_size)
+
     def __repr__(self) -> str:
         return (
             f"MixedMask(batch={self.batch_size}, num_queries={self.num_queries}, "
