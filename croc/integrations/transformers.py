@@ -24,20 +24,26 @@ to every attention call; checked for Llama, Qwen2 and LLaVA):
 - ``croc_backend``: ``"auto"`` (default), ``"triton"`` or ``"reference"``, passed to
   :func:`croc.mixed_attention`.
 
-Without ``croc_mask`` the result equals ``"sdpa"``: the mask builder turns causal + padding (+ the
-KV-cache offsets) into per-query key intervals in O(L) memory, no [B, 1, L, L] tensor, when each
-row's valid tokens are one contiguous run (left or right padding; checked with one host sync per
-forward, only when no ``croc_mask`` is given). Rows with padding holes, and layers whose mask is
-not plain causal (sliding windows, packed sequences detected from ``position_ids``,
-bidirectional models), use the dense ``"sdpa"`` mask and attention.
-Static (compileable) caches are not supported with ``"croc_mixed"``: use the default dynamic cache.
+Without ``croc_mask`` the result equals ``"sdpa"``: the mask builder runs transformers' mask
+function on symbolic indices (a TorchFunctionMode turns ``ids[b, q]`` into a symbolic gather; this
+also traces under torch.compile) and reads what it computes: causal, sliding windows
+(``kv > q - w``), packed sequences from ``position_ids`` (``seq[q] == seq[kv]``, and the position
+remapping of transformers >= 5.2x), the blockwise image overlay of Gemma-3-style models
+(``(ids[q] == ids[kv]) & (ids[q] >= 0)``), padding and KV-cache offsets, composed with and/or. Each
+is turned into per-query key intervals in O(L) memory, once per forward and mask type. Data
+assumptions (each id one contiguous run, one run of valid tokens per row) are checked with one host
+sync per forward and mask type (a device-side assert under torch.compile). A mask that is not one
+interval per query (padding holes, unknown mask functions) uses the dense ``sdpa`` mask and
+attention, logged once per reason.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import (
@@ -48,7 +54,7 @@ from transformers.masking_utils import (
 )
 
 from croc.attention import mixed_attention
-from croc.mask import MixedMask
+from croc.mask import MixedMask, _repeated_run_values
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -99,15 +105,292 @@ def causal_padding_mask(
     return MixedMask.from_intervals(run_start.expand_as(end), end, kv_length, validate=False)
 
 
-class CausalPaddingMask:
-    """What the mask builder returns for a plain causal layer; turned into a mask on first use.
+_BIG = 1 << 40
+_logger = logging.getLogger("croc.integrations.transformers")
+_logged_fallbacks: set[str] = set()
 
-    Built lazily so that a call that brings its own ``croc_mask`` never pays for it (nor for the
-    host synchronisation below). :meth:`resolve` gives the :func:`causal_padding_mask` intervals
-    when every row's valid tokens form at most one contiguous run (left or right padding: one
-    device-to-host sync to check), and otherwise the dense ``sdpa_mask`` (padding holes, e.g.
-    generation after right padding), so the attention always equals ``"sdpa"``. The result is
-    cached: one object serves every layer of a forward pass.
+
+class _Unsupported(Exception):
+    """The mask function computes something that is not one key interval per query."""
+
+
+class _Sym:
+    """A symbolic index: transformers' mask functions run on it and return the expression they compute."""
+
+    device = None
+
+    def __init__(self, expr: Any) -> None:
+        self.expr = expr
+
+    def _op(self, name: str, other: Any) -> _Sym:
+        return _Sym((name, self.expr, other.expr if isinstance(other, _Sym) else other))
+
+    def __le__(self, o):
+        return self._op("le", o)
+
+    def __lt__(self, o):
+        return self._op("lt", o)
+
+    def __ge__(self, o):
+        return self._op("ge", o)
+
+    def __gt__(self, o):
+        return self._op("gt", o)
+
+    def __eq__(self, o):
+        return self._op("eq", o)
+
+    def __sub__(self, o):
+        return self._op("sub", o)
+
+    def __add__(self, o):
+        return self._op("add", o)
+
+    def __and__(self, o):
+        return self._op("and", o)
+
+    def __or__(self, o):
+        return self._op("or", o)
+
+    __hash__ = None
+
+    def new_ones(self, *args: Any, **kwargs: Any) -> _Sym:
+        return _Sym(True)
+
+    def new_zeros(self, *args: Any, **kwargs: Any) -> _Sym:
+        return _Sym(False)
+
+    def to(self, *args: Any, **kwargs: Any) -> _Sym:
+        return self
+
+
+class _GatherMode(TorchFunctionMode):
+    """Turns ``tensor[batch_idx, q_idx]`` with symbolic indices into a symbolic gather (traceable by dynamo)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        index = args[1] if func is torch.Tensor.__getitem__ and len(args) == 2 else None
+        if isinstance(index, tuple) and any(isinstance(i, _Sym) for i in index):
+            return _Sym(("gather", args[0], tuple(i.expr if isinstance(i, _Sym) else i for i in index)))
+        return func(*args, **(kwargs or {}))
+
+
+def _trace_mask_function(mask_function) -> Any:
+    """The expression tree ``mask_function`` computes, over the symbols "b", "h", "q", "kv"."""
+    try:
+        with _GatherMode():
+            out = mask_function(_Sym("b"), _Sym("h"), _Sym("q"), _Sym("kv"))
+    except (TypeError, AttributeError, IndexError, RuntimeError, ValueError) as error:
+        raise _Unsupported(f"mask function not traceable symbolically ({error})") from error
+    if isinstance(out, _Sym):
+        return out.expr
+    if isinstance(out, bool):
+        return out
+    raise _Unsupported(f"mask function returned {type(out).__name__}")
+
+
+class _Intervals:
+    """Per-query key sets as intervals [lo, hi) of absolute key positions, int64 [B or 1, Lq].
+
+    ``diag``: statically known to contain the query's own position whenever non-empty (what makes a
+    union of two intervals an interval).
+    """
+
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor, diag: bool) -> None:
+        self.lo, self.hi, self.diag = lo, hi, diag
+
+    def empty(self) -> torch.Tensor:
+        return self.hi <= self.lo
+
+    def and_(self, o: _Intervals) -> _Intervals:
+        return _Intervals(torch.maximum(self.lo, o.lo), torch.minimum(self.hi, o.hi), self.diag and o.diag)
+
+    def or_(self, o: _Intervals) -> _Intervals:
+        if not (self.diag and o.diag):
+            raise _Unsupported("union of intervals that need not overlap")
+        lo, hi = torch.minimum(self.lo, o.lo), torch.maximum(self.hi, o.hi)
+        lo = torch.where(self.empty(), o.lo, torch.where(o.empty(), self.lo, lo))
+        hi = torch.where(self.empty(), o.hi, torch.where(o.empty(), self.hi, hi))
+        return _Intervals(lo, hi, True)
+
+
+class _Builder:
+    """Turns an expression tree into :class:`_Intervals` for the queries at absolute positions ``q_pos``."""
+
+    def __init__(self, q_pos: torch.Tensor) -> None:
+        self.q_pos = q_pos[None, :]  # int64 [1, Lq]
+        self.checks: list[torch.Tensor] = []  # bool tensors, True where an assumption fails
+        self.remapped = False
+        self.packed = False
+
+    def const(self, value: bool) -> _Intervals:
+        lo = torch.full_like(self.q_pos, -_BIG if value else 0)
+        return _Intervals(lo, torch.full_like(self.q_pos, _BIG if value else 0), True)
+
+    def build(self, e: Any) -> _Intervals:
+        if isinstance(e, bool):
+            return self.const(e)
+        if not isinstance(e, tuple):
+            raise _Unsupported(f"leaf {e!r}")
+        op = e[0]
+        if op == "and" and self._is_block(e):
+            return self._same_run(e[1][1], e[1][2], nonnegative=True).and_(self.build(e[2]))
+        if op in ("and", "or"):
+            a, b = self.build(e[1]), self.build(e[2])
+            return a.and_(b) if op == "and" else a.or_(b)
+        if op in ("le", "lt", "gt", "ge") and self._is_band(e):
+            return self._band(e)
+        if op in ("le", "lt", "gt", "ge") and self._remapped_band(e) is not None:
+            return self._remapped_band(e)
+        if op == "eq":
+            return self._same_run(e[1], e[2])
+        if op == "ge" and isinstance(e[2], int):
+            return self._query_predicate(e[1], e[2])
+        raise _Unsupported(f"expression {op!r}")
+
+    @staticmethod
+    def _offset(e: Any, sym: str) -> int | None:
+        """``c`` if ``e`` is ``sym + c`` (ints only), else None."""
+        if isinstance(e, str):
+            return 0 if e == sym else None
+        if isinstance(e, tuple) and e[0] in ("add", "sub") and isinstance(e[2], int) and e[1] == sym:
+            return e[2] if e[0] == "add" else -e[2]
+        return None
+
+    def _is_band(self, e: Any) -> bool:
+        return (self._offset(e[1], "kv") is not None and self._offset(e[2], "q") is not None) or (
+            self._offset(e[1], "q") is not None and self._offset(e[2], "kv") is not None
+        )
+
+    def _band(self, e: Any) -> _Intervals:
+        """``kv + a  OP  q + c`` (or mirrored): keys in a band around the query."""
+        op = e[0]
+        if self._offset(e[1], "q") is not None:  # q + c OP kv + a  ->  kv + a  OP'  q + c
+            op = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt"}[op]
+            e = (op, e[2], e[1])
+        shift = self._offset(e[2], "q") - self._offset(e[1], "kv")  # kv OP q + shift
+        q = self.q_pos
+        big = torch.full_like(q, _BIG)
+        bounds = {
+            "le": (-big, q + shift + 1),
+            "lt": (-big, q + shift),
+            "ge": (q + shift, big),
+            "gt": (q + shift + 1, big),
+        }[op]
+        diag = (op == "le" and shift >= 0) or (op == "lt" and shift > 0) or (op == "ge" and shift <= 0)
+        return _Intervals(*bounds, diag or (op == "gt" and shift < 0))
+
+    def _remapped_band(self, e: Any) -> _Intervals | None:
+        """A band over positions ``P[b, kv] OP P[b, q]`` (packed rows, transformers >= 5.2x): the index
+        band inside the query's segment of consecutive positions; exact once ANDed with the packed
+        same-sequence mask transformers adds (required in :meth:`finish`)."""
+        for mirrored, (kv_side, q_side) in ((False, (e[1], e[2])), (True, (e[2], e[1]))):
+            positions = self._gathered(kv_side, "kv")
+            if positions is not None and positions is self._gathered(q_side, "q"):
+                band = self._band((e[0], "q", "kv") if mirrored else (e[0], "kv", "q"))
+                self.remapped = True
+                segment = self._runs(torch.diff(positions, prepend=positions[:, :1] - 1) != 1, False)
+                return band.and_(segment)
+        return None
+
+    def finish(self, iv: _Intervals) -> _Intervals:
+        if self.remapped and not self.packed:
+            raise _Unsupported("positions remapped without the packed same-sequence mask")
+        return iv
+
+    def _runs(self, starts: torch.Tensor, check_values: torch.Tensor | bool) -> _Intervals:
+        """The run (bool [B, N] ``starts``) holding each query; checks each value has one run."""
+        n = starts.shape[1]
+        pos = torch.arange(n, device=starts.device).expand_as(starts)
+        starts = starts.clone()
+        starts[:, 0] = True
+        ends = torch.ones_like(starts)
+        ends[:, :-1] = starts[:, 1:]
+        run_start = torch.where(starts, pos, 0).cummax(1).values
+        run_end = torch.where(ends, pos + 1, n).flip(1).cummin(1).values.flip(1)
+        if isinstance(check_values, torch.Tensor):
+            self.checks.append(_repeated_run_values(check_values, starts))
+        return _Intervals(self._at_queries(run_start), self._at_queries(run_end), True)
+
+    def _gathered(self, e: Any, sym: str) -> torch.Tensor | None:
+        """The [B, N] tensor ``T`` if ``e`` is ``T[b, sym]``."""
+        if (
+            isinstance(e, tuple)
+            and e[0] == "gather"
+            and e[2] == ("b", sym)
+            and isinstance(e[1], torch.Tensor)
+        ):
+            return e[1]
+        return None
+
+    def _at_queries(self, t: torch.Tensor) -> torch.Tensor:
+        index = self.q_pos.clamp(0, t.shape[1] - 1).expand(t.shape[0], -1)
+        return t.gather(1, index)
+
+    def _is_block(self, e: Any) -> bool:
+        """``(T[q] == T[kv]) & (T[q] >= 0)``: transformers' blockwise overlay (image blocks)."""
+        eq, ge = e[1], e[2]
+        return (
+            isinstance(eq, tuple) and isinstance(ge, tuple) and eq[0] == "eq" and ge[0] == "ge"
+            and ge[2] == 0 and self._gathered(eq[1], "q") is not None
+            and self._gathered(eq[1], "q") is self._gathered(ge[1], "q")
+        )  # fmt: skip
+
+    def _same_run(self, a: Any, b: Any, nonnegative: bool = False) -> _Intervals:
+        """``T[b, q] == T[b, kv]``: the run of equal values holding the query (each value one run)."""
+        t = self._gathered(a, "q")
+        if t is None or t is not self._gathered(b, "kv"):
+            raise _Unsupported("equality that is not T[q] == T[kv]")
+        values = t.to(torch.int64)
+        starts = torch.ones_like(values, dtype=torch.bool)
+        starts[:, 1:] = values[:, 1:] != values[:, :-1]
+        self.packed = self.packed or not nonnegative
+        checked = torch.where(
+            values >= 0, values, torch.arange(values.shape[1], device=values.device) - values.shape[1]
+        )
+        return self._runs(starts, checked if nonnegative else values)
+
+    def _query_predicate(self, a: Any, c: int) -> _Intervals:
+        """``T[b, q] >= c``: every key or none."""
+        t = self._gathered(a, "q")
+        if t is None:
+            raise _Unsupported("comparison that is not T[q] >= c")
+        keep = self._at_queries(t) >= c
+        full = self.const(True)
+        return _Intervals(torch.where(keep, full.lo, 0), torch.where(keep, full.hi, 0), True)
+
+
+def _padding_intervals(kw: dict[str, Any], builder: _Builder) -> _Intervals | None:
+    """The valid keys of each row as one interval [run start, run end) (absolute positions)."""
+    attention_mask = kw.get("attention_mask")
+    if attention_mask is None:
+        return None
+    kv_offset, kv_length = kw.get("kv_offset", 0), kw["kv_length"]
+    valid = prepare_padding_mask(attention_mask.to(torch.bool), kv_length, kv_offset)
+    runs = valid[:, :1].to(torch.int64).sum(1) + (valid[:, 1:] & ~valid[:, :-1]).sum(1)
+    builder.checks.append(runs > 1)
+    start = valid.to(torch.int32).argmax(dim=1, keepdim=True).to(torch.int64)
+    end = start + valid.sum(dim=1, keepdim=True)
+    return _Intervals(start, end, False)
+
+
+def _log_fallback_once(reason: str) -> None:
+    if reason not in _logged_fallbacks:
+        _logged_fallbacks.add(reason)
+        _logger.warning(
+            "croc_mixed: mask not expressible as key intervals (%s); using the dense SDPA mask", reason
+        )
+
+
+class CausalPaddingMask:
+    """What the mask builder returns; turned into a :class:`MixedMask` (or the dense mask) on first use.
+
+    Built lazily, once per forward and mask type (every layer of that type shares it), so a call
+    that brings its own ``croc_mask`` never pays for it. :meth:`resolve` runs transformers' mask
+    function on symbolic indices to read what it computes (causal, sliding windows, packed
+    sequences, the blockwise image overlay, and their and/or compositions), builds the key
+    intervals in O(L), and checks the data assumptions (each id one contiguous run, one run of
+    valid tokens per row) with one host sync (under torch.compile: a device-side assert instead).
+    Anything else gives the dense ``sdpa_mask`` (logged once), so the attention equals ``"sdpa"``.
     """
 
     def __init__(self, sdpa_kwargs: dict[str, Any]) -> None:
@@ -124,37 +407,48 @@ class CausalPaddingMask:
 
     def _build(self) -> MixedMask | torch.Tensor | None:
         kw = self.sdpa_kwargs
-        attention_mask = kw.get("attention_mask")
-        if attention_mask is not None:
-            valid = attention_mask.to(torch.bool)
-            runs = valid[:, :1].to(torch.int32).sum(1) + (valid[:, 1:] & ~valid[:, :-1]).sum(1)
-            if bool((runs > 1).any()):
+        try:
+            mask, checks = self._intervals(kw)
+        except _Unsupported as why:
+            _log_fallback_once(str(why))
+            return sdpa_mask(**kw)
+        if checks:
+            bad = torch.stack([c.any() for c in checks]).any()
+            if torch.compiler.is_compiling():
+                torch._assert_async(
+                    ~bad, "croc_mixed: ids not contiguous runs or padding holes under compile"
+                )
+            elif bool(bad):
+                _log_fallback_once("padding holes or non-contiguous ids")
                 return sdpa_mask(**kw)
-        return causal_padding_mask(
-            kw["batch_size"],
-            kw["q_length"],
-            kw["kv_length"],
-            kw.get("q_offset", 0),
-            kw.get("kv_offset", 0),
-            attention_mask,
-            kw.get("device", "cpu"),
-        )
+        return mask
+
+    @staticmethod
+    def _intervals(kw: dict[str, Any]) -> tuple[MixedMask, list[torch.Tensor]]:
+        device = kw.get("device", "cpu")
+        q_offset, kv_offset, kv_length = kw.get("q_offset", 0), kw.get("kv_offset", 0), kw["kv_length"]
+        q_pos = torch.arange(kw["q_length"], device=device, dtype=torch.int64) + q_offset
+        builder = _Builder(q_pos)
+        expr = _trace_mask_function(kw.get("mask_function", causal_mask_function))
+        iv = builder.finish(builder.build(expr))
+        padding = _padding_intervals(kw, builder)
+        if padding is not None:
+            iv = iv.and_(_Intervals(padding.lo.to(device), padding.hi.to(device), False))
+        lo = (iv.lo - kv_offset).clamp(0, kv_length)
+        hi = (iv.hi - kv_offset).clamp(0, kv_length)
+        lo, hi = lo.expand(kw["batch_size"], -1), hi.expand(kw["batch_size"], -1)
+        empty = hi <= lo
+        lo, hi = torch.where(empty, 0, lo), torch.where(empty, 0, hi)
+        return MixedMask.from_intervals(lo, hi, kv_length, validate=False), builder.checks
 
 
-def croc_mixed_mask(
-    mask_function=causal_mask_function, **kwargs: Any
-) -> CausalPaddingMask | torch.Tensor | None:
+def croc_mixed_mask(mask_function=causal_mask_function, **kwargs: Any) -> CausalPaddingMask:
     """Mask builder registered in ``AttentionMaskInterface`` for ``"croc_mixed"``.
 
-    Takes the keyword arguments of transformers' ``sdpa_mask``. For the plain causal mask
-    function it returns a :class:`CausalPaddingMask` (O(L) intervals, built on first use); for
-    anything else (sliding window, packed sequences, bidirectional, overlays) the dense bool
-    [B, 1, Lq, Lk] mask (or None) of ``sdpa_mask``, which :func:`croc_mixed_attention` hands to the
-    SDPA path.
+    Takes the keyword arguments of transformers' ``sdpa_mask`` and returns a lazy
+    :class:`CausalPaddingMask`, resolved once per forward (per mask type) by the first layer using it.
     """
-    if mask_function is causal_mask_function:
-        return CausalPaddingMask(dict(kwargs, mask_function=mask_function))
-    return sdpa_mask(mask_function=mask_function, **kwargs)
+    return CausalPaddingMask(dict(kwargs, mask_function=mask_function))
 
 
 def _fit_to_call(mask: MixedMask, q_length: int, kv_length: int) -> MixedMask:
