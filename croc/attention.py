@@ -68,6 +68,16 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _check_flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """torch's FlexAttention has no backward on the CPU: refuse up front, not deep in a compile."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if needs_grad and q.device.type == "cpu":
+        raise ValueError(
+            "backend='flex' on CPU tensors is forward-only (torch's FlexAttention has no CPU backward); "
+            "use backend='reference' or 'triton' for training on the CPU, or run under torch.no_grad()"
+        )
+
+
 def mixed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -106,6 +116,7 @@ def mixed_attention(
     if chosen == "flex":
         from croc.ops.flex_attention import flex_mixed_attention
 
+        _check_flex_backward(q, k, v)
         bm = mask.to_block_mask()
         return flex_mixed_attention(q, k, v, mask.kv_start, mask.kv_end, bm, scale, kernel_options)
     if chosen == "triton":

@@ -77,3 +77,11 @@ def test_kernel_options_only_for_flex():
     q = torch.randn(1, 1, 8, 16)
     with pytest.raises(ValueError, match="kernel_options"):
         croc.mixed_attention(q, q, q, mask, backend="reference", kernel_options={})
+
+
+def test_flex_refuses_a_cpu_backward_up_front():
+    """torch's FlexAttention has no CPU backward: a clear ValueError before any compile."""
+    mask = croc.MixedMask.causal(1, 8)
+    q = torch.randn(1, 1, 8, 16, requires_grad=True)
+    with pytest.raises(ValueError, match="forward-only"):
+        croc.mixed_attention(q, q, q, mask, backend="flex")
