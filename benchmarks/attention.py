@@ -15,6 +15,10 @@ Providers (each timed on the same inputs, in the same process, on the same card)
 - ``flex``: compiled FlexAttention with the same mask as a BlockMask (built once per batch; its
   build time is reported in ``setup_ms``, outside the timing). On the CPU it runs eagerly
   (``flex-eager``, forward only: compiling it on a 2-core machine costs minutes);
+- ``croc-flex``: ``croc.mixed_attention(backend="flex")``: FlexAttention with the BlockMask built
+  by :meth:`croc.MixedMask.to_block_mask` from the intervals (no ``create_block_mask``); its build
+  time is ``setup_ms`` (median of 3), so the two BlockMask builders compare in one run. On the CPU
+  it runs eager ``flex_attention`` (``croc-flex-eager``, forward only);
 - ``flash-attn``: ``flash_attn_func(causal=True)`` when the package is installed.
 
 FLOPs count visible pairs only: forward 4·D·pairs·Hq, backward 2.5× that. Each row of the CSV
@@ -47,8 +51,10 @@ import croc
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 TOKENS_PER_BATCH = 16384
-GPU_PROVIDERS = ("croc", "sdpa-dense", "sdpa-causal-flash", "sdpa-causal-cudnn", "flex", "flash-attn")
-CPU_PROVIDERS = ("croc", "sdpa-dense", "flex")
+GPU_PROVIDERS = (
+    "croc", "sdpa-dense", "sdpa-causal-flash", "sdpa-causal-cudnn", "flex", "croc-flex", "flash-attn",
+)  # fmt: skip
+CPU_PROVIDERS = ("croc", "sdpa-dense", "flex", "croc-flex")
 
 
 class Unavailable(Exception):
@@ -91,6 +97,22 @@ def _flex(mask: croc.MixedMask, q: torch.Tensor, device: str) -> tuple[Callable,
     return run, setup_ms
 
 
+def _croc_flex(mask: croc.MixedMask, device: str) -> tuple[Callable, float]:
+    """Our BlockMask (from the intervals, timed as setup) with croc's compiled flex backend on CUDA,
+    or eager ``flex_attention`` with the same BlockMask on the CPU (forward only)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    gpu = device.startswith("cuda")
+    mask.to_block_mask()  # warm-up
+    setup_ms = common.median_ms(mask.to_block_mask, device, warmup=0, reps=3)
+    if gpu:
+        return (lambda q, k, v, s: croc.mixed_attention(q, k, v, mask, scale=s, backend="flex")), setup_ms
+    block_mask = mask.to_block_mask()
+    return (
+        lambda q, k, v, s: flex_attention(q, k, v, block_mask=block_mask, scale=s, enable_gqa=True)
+    ), setup_ms
+
+
 def make_provider(
     name: str, mask: croc.MixedMask, q: torch.Tensor, device: str
 ) -> tuple[Callable, float, str]:
@@ -126,6 +148,9 @@ def make_provider(
     if name == "flex":
         run, setup_ms = _flex(mask, q, device)
         return run, setup_ms, name if device.startswith("cuda") else "flex-eager"
+    if name == "croc-flex":
+        run, setup_ms = _croc_flex(mask, device)
+        return run, setup_ms, name if device.startswith("cuda") else "croc-flex-eager"
     if name == "flash-attn":
         try:
             from flash_attn import flash_attn_func

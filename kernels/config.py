@@ -65,16 +65,18 @@ def _cfg(forward: tuple, dkdv: tuple, dq: tuple) -> AttentionConfig:
 # so 128x64x8x3 (0 spill, copies one tile ahead); dK/dV 64x128 spills once the range loop is
 # software-pipelined (any stage count), 16x128x8x3 does not and keeps one tile in flight; dQ
 # prefetches one tile at 3 stages.
+# sm_80 with the range kernels (Triton 3.6): forward 128x64 and 64x64 spill for D = 128 (56 and 8 B),
+# 128x32x8x3 does not; dK/dV needs 8 warps at 32x64; fp32 D = 128 dQ needs 8 warps, forward 1 stage.
 # fp32 inputs run TF32 dots, whose register footprint forces smaller tiles.
 _TABLE: dict[tuple[int, int, bool], AttentionConfig] = {
     (90, 64, False): _cfg(forward=(128, 128, 8, 3), dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
     (90, 128, False): _cfg(forward=(128, 64, 8, 3), dkdv=(16, 128, 8, 3), dq=(128, 64, 8, 3)),
-    (80, 64, False): _cfg(forward=(128, 64, 8, 3), dkdv=(32, 64, 4, 1), dq=(128, 32, 8, 3)),
-    (80, 128, False): _cfg(forward=(128, 64, 8, 3), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2)),
+    (80, 64, False): _cfg(forward=(128, 64, 8, 3), dkdv=(32, 64, 8, 1), dq=(128, 32, 8, 3)),
+    (80, 128, False): _cfg(forward=(128, 32, 8, 3), dkdv=(32, 64, 8, 2), dq=(64, 32, 4, 2)),
     (90, 64, True): _cfg(forward=(64, 64, 8, 3), dkdv=(32, 128, 8, 2), dq=(128, 64, 8, 2)),  # 3.9 spilled
     (90, 128, True): _cfg(forward=(32, 32, 4, 3), dkdv=(32, 32, 4, 1), dq=(16, 32, 4, 1)),  # 64x32 spilled
     (80, 64, True): _cfg(forward=(128, 64, 8, 3), dkdv=(16, 32, 4, 1), dq=(64, 32, 8, 1)),
-    (80, 128, True): _cfg(forward=(64, 32, 4, 2), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1)),
+    (80, 128, True): _cfg(forward=(64, 32, 4, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 8, 1)),
 }
 
 _INTERPRET_PASS = PassConfig(16, 16, 4, 1)
