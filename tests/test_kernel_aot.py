@@ -40,6 +40,7 @@ def reports() -> list[dict]:
     return json.loads(done.stdout)
 
 
+@pytest.mark.matrix_kernels
 def test_every_configuration_compiles_for_both_archs(reports):
     compiled = {(r["arch"], r["dtype"], r["kernel"], r["head_dim"]) for r in reports}
     for arch, head_dim, dtype, _ in config.all_configs():

@@ -111,6 +111,7 @@ def test_prefill_with_fewer_queries_than_keys(seq_q, seq_k):
     _assert_matches_fp64(q, k, v, dout, mask, TOLERANCE[torch.float32])
 
 
+@pytest.mark.matrix_kernels
 @pytest.mark.parametrize("head_dim,heads_q,heads_kv", [(64, 4, 2), (80, 3, 1), (96, 4, 2), (128, 3, 1)])
 def test_head_dims_and_gqa(head_dim, heads_q, heads_kv):
     mask = _layout_mask("spans", batch=1, seq_len=35, seed=head_dim)
