@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.croc-installed
 INSTALL_DEPS := setup.py pyproject.toml scripts/setup_env.sh $(wildcard csrc/*)
 
-.PHONY: setup test lint format demo bench clean
+.PHONY: setup test lint format demo clean
 
 setup: $(STAMP)
 

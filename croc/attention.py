@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from croc.constants import ATTENTION_BACKENDS as _BACKENDS
 from croc.mask import MixedMask
 from croc.ops.reference_attention import reference_mixed_attention
 
@@ -16,7 +17,6 @@ except ImportError:  # triton is an optional dependency
 
 __all__ = ["mixed_attention"]
 
-_BACKENDS = ("auto", "triton", "reference")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: reference only
 
 

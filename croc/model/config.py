@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from transformers import AutoConfig, LlavaConfig
 
-__all__ = ["ASSIGNMENTS", "MASK_KINDS", "POOL_INITS", "STAGES", "CrocLlavaConfig"]
+from croc.constants import ASSIGNMENTS, MASK_KINDS, POOL_INITS, STAGES
+from croc.constants import ATTENTION_BACKENDS as _BACKENDS
 
-STAGES = ("projector", "croc", "finetune")
-MASK_KINDS = ("image", "prefix")
-ASSIGNMENTS = ("hungarian", "nearest")
-POOL_INITS = ("normal", "normalized")
-_BACKENDS = ("auto", "triton", "reference")
+__all__ = ["ASSIGNMENTS", "MASK_KINDS", "POOL_INITS", "STAGES", "CrocLlavaConfig"]
 
 
 class CrocLlavaConfig(LlavaConfig):

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["IGNORE_INDEX", "ReconstructionHead", "causal_lm_loss", "reconstruction_loss"]
+from croc.constants import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "ReconstructionHead", "causal_lm_loss", "reconstruction_loss"]
 
 
 class ReconstructionHead(nn.Module):
