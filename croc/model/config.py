@@ -7,7 +7,7 @@ from transformers import AutoConfig, LlavaConfig
 from croc.constants import ASSIGNMENTS, MASK_KINDS, POOL_INITS, STAGES
 from croc.constants import ATTENTION_BACKENDS as _BACKENDS
 
-__all__ = ["ASSIGNMENTS", "MASK_KINDS", "POOL_INITS", "STAGES", "CrocLlavaConfig"]
+__all__ = ["ASSIGNMENTS", "MASK_KINDS", "POOL_INITS", "STAGES", "CrocLlavaConfig", "visual_tokens_per_image"]
 
 
 class CrocLlavaConfig(LlavaConfig):
@@ -64,6 +64,12 @@ class CrocLlavaConfig(LlavaConfig):
             raise ValueError(f"prompt_pool_size must be positive, got {self.prompt_pool_size!r}")
         if float(self.recon_beta) <= 0.0:
             raise ValueError(f"recon_beta must be positive, got {self.recon_beta!r}")
+
+
+def visual_tokens_per_image(vision_config, feature_select_strategy: str = "default") -> int:
+    """Visual tokens per image that a CLIP-like vision config feeds the LLM: its patches, plus CLS for "full"."""
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    return patches + (1 if feature_select_strategy == "full" else 0)
 
 
 AutoConfig.register(CrocLlavaConfig.model_type, CrocLlavaConfig, exist_ok=True)
