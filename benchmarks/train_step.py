@@ -19,16 +19,28 @@ the same shapes: all layers' attention forward+backward, and the pool assignment
 their share is that time over the step time (an estimate: inside the step they overlap other
 work differently).
 
+Sequence-parallel mode (``--sequence_parallel N``, N >= 2): the script relaunches itself under
+``torchrun --nproc_per_node N`` (one GPU per process; gloo processes on the CPU) and times croc's
+step with every row of ``--length`` tokens split over the N ranks (DeepSpeed Ulysses, DDP over the
+ranks for the gradients). Reported: step time, tokens/s of the whole group, and the peak memory of
+the busiest GPU, in ``train_step_sp_{gpu,cpu}.csv``.
+
 Usage::
 
     python benchmarks/train_step.py --out DIR [--device cuda] [--layers 2] [--length 8192]
     python benchmarks/train_step.py --out DIR --quick        # tiny CPU smoke run
+    python benchmarks/train_step.py --out DIR --sequence_parallel 4 --length 32768   # 4 GPUs
+    python benchmarks/train_step.py --out DIR --quick --sequence_parallel 2          # CPU, 2 processes
 """
 
 from __future__ import annotations
 
+import csv
 import math
+import os
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,6 +288,7 @@ def parse_args(argv=None):
     parser.add_argument("--providers", nargs="+", default=["reference", "croc"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--sequence_parallel", type=int, default=1, help="ranks per row (>= 2: SP mode)")
     args = parser.parse_args(argv)
     args.length = args.length or (600 if args.quick else 8192)
     if args.quick:
@@ -283,8 +296,104 @@ def parse_args(argv=None):
     return args
 
 
+def _timed_ms(fn, device: str, warmup: int, reps: int) -> float:
+    """Median wall time of ``fn`` with a barrier before each call (every rank runs the same count)."""
+    import torch.distributed as dist
+
+    times = []
+    for rep in range(warmup + reps):
+        sync(device)
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        if rep >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def run_sequence_parallel(args, shapes: Shapes, dtype) -> dict:
+    """This rank's part of croc's step with rows split over the ``--sequence_parallel`` ranks."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from croc.train.sequence_parallel import setup_sequence_parallel
+
+    gpu = args.device.startswith("cuda")
+    local = int(os.environ["LOCAL_RANK"])
+    device = f"cuda:{local}" if gpu else "cpu"
+    if gpu:
+        torch.cuda.set_device(local)
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+    torch.manual_seed(0)
+    model = build_model(shapes, args.layers, "auto", device, dtype)
+    sp = setup_sequence_parallel(model, args.sequence_parallel)
+    samples = sample_lengths(args.length, shapes.image_tokens, seed=0)
+    batch = packed_batch(samples, shapes, args.length, device)
+    pixels = torch.randn(
+        len(samples), 3, shapes.image_size, shapes.image_size, generator=torch.Generator().manual_seed(1)
+    )
+    batch["pixel_values"] = pixels.to(device=device, dtype=dtype)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if gpu else None)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        ddp(**batch, sequence_parallel=sp).loss.backward()
+        optimizer.step()
+
+    row = {"provider": f"croc-sp{sp.size}", "sequence_parallel": sp.size, "layers": args.layers}
+    row |= {"length": args.length, "images": len(samples), "batch_rows": batch["input_ids"].shape[0]}
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    ms = _timed_ms(step, device, args.warmup, args.reps)
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**20 if gpu else float("nan")], device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    tokens = int(batch["attention_mask"].sum())
+    row |= {
+        "status": "ok",
+        "step_ms": round(ms, 2),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / ms * 1e3),
+    }
+    return row | {"peak_mib_per_gpu": round(float(peak), 1), "world_size": dist.get_world_size()}
+
+
+def main_sequence_parallel(args, argv) -> list[dict]:
+    """SP mode: relaunch under torchrun, or (inside it) run and let rank 0 write the CSV."""
+    if "WORLD_SIZE" not in os.environ:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(args.sequence_parallel),
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        if not args.device.startswith("cuda"):
+            env |= {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+        argv = sys.argv[1:] if argv is None else list(argv)
+        subprocess.run([*command, str(Path(__file__).resolve()), *argv], env=env, check=True)
+        path = args.out / f"train_step_sp_{'gpu' if args.device.startswith('cuda') else 'cpu'}.csv"
+        with open(path, encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    gpu = args.device.startswith("cuda")
+    shapes = TINY if args.quick else SEVEN_B
+    dtype = torch.bfloat16 if gpu else torch.float32
+    row = common.environment(args.device) | {"dtype": str(dtype).removeprefix("torch.")}
+    row |= run_sequence_parallel(args, shapes, dtype)
+    if int(os.environ["RANK"]) == 0:
+        common.write_csv(args.out / f"train_step_sp_{'gpu' if gpu else 'cpu'}.csv", [row])
+        common.print_table(
+            [row], ["provider", "status", "length", "step_ms", "tokens_per_s", "peak_mib_per_gpu"]
+        )
+    return [row]
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.sequence_parallel > 1:
+        return main_sequence_parallel(args, argv)
     shapes = TINY if args.quick else SEVEN_B
     gpu = args.device.startswith("cuda")
     dtype = torch.bfloat16 if gpu else torch.float32

@@ -1,7 +1,7 @@
 """Command line: ``croc demo``, ``croc init`` and ``croc train``.
 
 croc demo [--quick] [--out runs/demo]   the three stages on the embedded synthetic default
-croc init --language_model DIR --vision_tower DIR --output_dir DIR
+croc init --language_model DIR --vision_tower DIR --output_dir DIR [--dtype bfloat16]
                                         the stage-1 checkpoint from a local LLM and a CLIP tower
 croc train --stage S ...                one stage on LLaVA JSON data (see ``croc train -h``)
 """
@@ -11,6 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+_INIT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -44,6 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     init.add_argument("--vision_tower", required=True, help="local CLIP (vision) model folder")
     init.add_argument("--output_dir", required=True, help="where to write the CrocLlava checkpoint")
     init.add_argument("--prompt_pool_size", type=int, default=2048, help="prompt pool tokens (2048)")
+    init.add_argument(
+        "--dtype",
+        choices=_INIT_DTYPES,
+        default="bfloat16",
+        help="dtype of the saved tensors, declared in its config.json (bfloat16); croc train still "
+        "trains in the dtype of its own flags (fp32 weights unless --deepspeed with --bf16/--fp16)",
+    )
     sub.add_parser(
         "train", help="train one stage (projector | croc | finetune); see croc train -h", add_help=False
     )
@@ -59,7 +74,11 @@ def main(argv: list[str] | None = None) -> None:
         from croc.train.compose import compose_checkpoint
 
         out = compose_checkpoint(
-            args.language_model, args.vision_tower, args.output_dir, prompt_pool_size=args.prompt_pool_size
+            args.language_model,
+            args.vision_tower,
+            args.output_dir,
+            dtype=_torch_dtype(args.dtype),
+            prompt_pool_size=args.prompt_pool_size,
         )
         print(f"croc init: wrote {out}")
         return

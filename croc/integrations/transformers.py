@@ -173,6 +173,16 @@ def _fit_to_call(mask: MixedMask, q_length: int, kv_length: int) -> MixedMask:
     return MixedMask.from_intervals(start, end, kv_length, validate=False)
 
 
+def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` in the autocast dtype when autocast is on for their device (as ``"sdpa"`` gets
+    them: under ``--bf16`` over fp32 weights, RoPE leaves q/k in float32 and v in bfloat16)."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def croc_mixed_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -214,6 +224,7 @@ def croc_mixed_attention(
             )
     if dropout:
         raise ValueError(f"croc_mixed attention has no attention dropout; got dropout={dropout}")
+    query, key, value = _autocast_inputs(query, key, value)
     out = mixed_attention(query, key, value, mask, scale=scaling, backend=croc_backend)
     return out.transpose(1, 2).contiguous(), None
 

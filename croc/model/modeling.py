@@ -292,7 +292,8 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             logits_to_keep: compute logits of the last N positions only (0 = all; needs 0 with labels).
             **kwargs: passed to the text model (``past_key_values``/``cache``, ``use_cache`` (default
                 False when labels are given), ``output_hidden_states``, ...); ``num_items_in_batch``
-                goes to the LM loss.
+                goes to the LM loss; ``sequence_parallel`` (a ``croc.train.sequence_parallel.SequenceParallel``)
+                makes this a sequence-parallel training step over the full (unsplit) batch.
 
         Returns:
             :class:`CrocLlavaOutput` with ``loss``, ``lm_loss``, ``recon_loss``, ``logits``, ...
@@ -304,6 +305,13 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if labels is not None and logits_to_keep:
             raise ValueError("logits_to_keep must be 0 when labels are given")
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        sequence_parallel = kwargs.pop("sequence_parallel", None)
+        if sequence_parallel is not None:  # croc.train.sequence_parallel: this rank's chunk of the rows
+            return sequence_parallel.forward(
+                self, input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                pixel_values=pixel_values, segment_ids=segment_ids, position_ids=position_ids,
+                replace_mask=replace_mask,
+            )  # fmt: skip
         if labels is not None:
             kwargs.setdefault("use_cache", False)  # no KV cache to build while training
         croc_objective = self.config.stage == "croc" and labels is not None and pixel_values is not None

@@ -34,6 +34,14 @@ def _tokenizer_with_image_token(path: str):
     return tokenizer
 
 
+def _cast_and_declare(model, dtype: torch.dtype) -> None:
+    """Cast every tensor of ``model`` to ``dtype`` and declare it in its config and sub-configs (the
+    sub-models are built in their own configs' dtype, whatever the default dtype)."""
+    model.to(dtype)
+    for config in (model.config, model.config.text_config, model.config.vision_config):
+        config.dtype = dtype
+
+
 def compose_checkpoint(
     language_model: str,
     vision_tower: str,
@@ -48,7 +56,8 @@ def compose_checkpoint(
         language_model: folder of a causal LM (Llama/Vicuna or Qwen2) with its tokenizer.
         vision_tower: folder of a CLIP (or CLIP vision) model; its image processor is copied if present.
         output_dir: where the checkpoint, tokenizer and image processor are written.
-        dtype: dtype of the written weights.
+        dtype: dtype of every written tensor, declared as ``dtype`` in the written config (and its
+            text and vision sub-configs). ``croc train`` trains in the dtype its own arguments say.
         vision_feature_layer: CLIP layer fed to the projector (LLaVA: -2, the penultimate).
         **croc_fields: CrocLlavaConfig fields (``prompt_pool_size``, ``replace_ratio``, ...).
     Returns:
@@ -83,6 +92,7 @@ def compose_checkpoint(
     del tower
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
+    _cast_and_declare(model, dtype)
     out = Path(output_dir)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

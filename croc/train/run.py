@@ -76,6 +76,13 @@ class CrocArguments:
     attention_backend: str | None = field(
         default=None, metadata={"help": "mixed attention backend: auto (Triton on CUDA) | triton | reference"}
     )
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "split every row over this many ranks (DeepSpeed Ulysses); must divide the number of "
+            "processes and the attention heads, and divide the kv heads or be a multiple of them"
+        },
+    )
 
     def config_overrides(self) -> dict:
         """The Croc config fields given on the command line (others keep the checkpoint's values)."""
@@ -124,10 +131,12 @@ def train_stage(
     callbacks: list | None = None,
     resume_from_checkpoint: str | bool | None = None,
     progress: ProgressCallback | None = None,
+    sequence_parallel=None,
 ) -> CrocTrainer:
     """Switch ``model`` to ``stage`` and train it; returns the Trainer (its ``state.log_history``).
 
-    ``progress`` replaces the Trainer's default progress-bar callback.
+    ``progress`` replaces the Trainer's default progress-bar callback; ``sequence_parallel`` (from
+    ``croc.train.sequence_parallel.setup_sequence_parallel``) splits every row over its group.
     """
     apply_stage(model, stage)
     logger.info("stage %s: %s", stage, trainable_summary(model))
@@ -141,6 +150,7 @@ def train_stage(
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
+        sequence_parallel=sequence_parallel,
     )
     if progress is not None:
         trainer.remove_callback(ProgressCallback)
@@ -149,13 +159,26 @@ def train_stage(
     return trainer
 
 
+def _parameter_dtype(training_args: TrainingArguments) -> torch.dtype:
+    """The dtype the model's parameters train in, from the training arguments alone (never the
+    checkpoint's saved dtype): bf16/fp16 only under DeepSpeed with ``--bf16``/``--fp16``, whose
+    optimizer keeps fp32 master weights itself; otherwise float32, and ``--bf16``/``--fp16`` without
+    DeepSpeed mean autocast over these fp32 weights."""
+    if training_args.deepspeed and training_args.bf16:
+        return torch.bfloat16
+    if training_args.deepspeed and training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
 def _load(args: CrocArguments, training_args: TrainingArguments):
     from croc.model import CrocLlavaForConditionalGeneration
 
-    # DeepSpeed keeps fp32 master weights itself; without it, weights stay fp32 under bf16 autocast
-    dtype = torch.bfloat16 if training_args.bf16 and training_args.deepspeed else None
     model = CrocLlavaForConditionalGeneration.from_pretrained(
-        args.model_name_or_path, dtype=dtype, stage=args.stage, **args.config_overrides()
+        args.model_name_or_path,
+        dtype=_parameter_dtype(training_args),
+        stage=args.stage,
+        **args.config_overrides(),
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     try:
@@ -183,12 +206,21 @@ def main(argv: list[str] | None = None) -> None:
     args, training_args = parser.parse_args_into_dataclasses(args=_resolve_deepspeed_flag(argv))
     if args.stage not in STAGES:
         parser.error(f"--stage must be one of {STAGES}, got {args.stage!r}")
-    if training_args.deepspeed:
+    if training_args.deepspeed or args.sequence_parallel_size > 1:
+        from datetime import timedelta
+
         import deepspeed
 
         # ZeRO-3 partitions the weights while they load, so DeepSpeed must know the world size first
-        deepspeed.init_distributed(dist_backend=training_args.ddp_backend)
+        deepspeed.init_distributed(
+            dist_backend=training_args.ddp_backend, timeout=timedelta(seconds=training_args.ddp_timeout)
+        )
     model, tokenizer, image_processor = _load(args, training_args)
+    sequence_parallel = None
+    if args.sequence_parallel_size > 1:
+        from croc.train.sequence_parallel import setup_sequence_parallel
+
+        sequence_parallel = setup_sequence_parallel(model, args.sequence_parallel_size)
     dataset = build_dataset(args, tokenizer, image_processor, model.config)
     packing = args.stage == "croc" if args.packing is None else args.packing
     collator = LlavaCollator(tokenizer.pad_token_id, packing=packing, max_length=args.max_length)
@@ -200,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         training_args,
         tokenizer=tokenizer,
         resume_from_checkpoint=training_args.resume_from_checkpoint,
+        sequence_parallel=sequence_parallel,
     )
     trainer.save_model()
     if trainer.is_world_process_zero():

@@ -19,14 +19,30 @@ class CrocTrainer(Trainer):
     (checkpoints, ``resume_from_checkpoint``, DeepSpeed, progress bars) is the stock Trainer's.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, sequence_parallel=None, **kwargs) -> None:
+        """``sequence_parallel``: a ``croc.train.sequence_parallel.SequenceParallel`` (from
+        ``setup_sequence_parallel``) to train with DeepSpeed Ulysses; None trains unsplit."""
+        if sequence_parallel is None and kwargs.get("args") is not None:
+            from croc.train.sequence_parallel import from_parallelism_config
+
+            sequence_parallel = from_parallelism_config(kwargs.get("model"), kwargs["args"])
         super().__init__(*args, **kwargs)
+        self.sequence_parallel = sequence_parallel
         # the model's loss is a per-batch mean; let the Trainer divide it by the accumulation steps
         self.model_accepts_loss_kwargs = False
         self._part_sums: dict[str, torch.Tensor] = {}
         self._part_counts: dict[str, int] = {}
 
+    def get_train_dataloader(self):
+        if self.sequence_parallel is None:
+            return super().get_train_dataloader()
+        from croc.train.sequence_parallel import sequence_parallel_dataloader
+
+        return sequence_parallel_dataloader(self, self.sequence_parallel)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.sequence_parallel is not None and model.training:
+            inputs = {**inputs, "sequence_parallel": self.sequence_parallel}
         outputs = model(**inputs)
         if model.training:
             for name in LOSS_PARTS:
