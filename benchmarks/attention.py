@@ -6,6 +6,9 @@ Providers (each timed on the same inputs, in the same process, on the same card)
   backend, labelled ``croc-reference``; the Triton path is not timed on the CPU). Building the
   MixedMask is reported in ``mask_build_ms``; its tile metadata is computed on the first call
   (warm-up) and reused, as in a model where every layer shares one mask;
+- ``croc-index``: the same kernels on the same inputs with the index-list schedule instead of the
+  range schedule (the mask handed over with ``monotone=False``), for the A/B of ``--schedule``:
+  ``range`` (default: ``croc`` only), ``index`` (``croc-index`` only), ``both``;
 - ``sdpa-dense``: SDPA with the dense boolean [B, 1, L, L] mask, what users do today;
 - ``sdpa-causal-flash`` / ``sdpa-causal-cudnn``: SDPA with ``is_causal=True`` on one backend, a
   mask-free kernel of about the same density (its FLOPs count its own causal pairs);
@@ -96,6 +99,15 @@ def make_provider(
         backend = "auto" if device.startswith("cuda") else "reference"
         label = "croc" if device.startswith("cuda") else "croc-reference"
         return (lambda q, k, v, s: croc.mixed_attention(q, k, v, mask, scale=s, backend=backend)), 0.0, label
+    if name == "croc-index":
+        if not device.startswith("cuda"):
+            raise Unavailable("the Triton path is not timed on the CPU")
+        index_mask = croc.MixedMask(mask.kv_start, mask.kv_end, mask.num_keys, monotone=False)
+        return (
+            (lambda q, k, v, s: croc.mixed_attention(q, k, v, index_mask, scale=s, backend="triton")),
+            0.0,
+            name,
+        )
     if name == "sdpa-dense":
         dense = mask.to_dense()[:, None]
         return (
@@ -290,6 +302,12 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument(
+        "--schedule",
+        choices=("range", "index", "both"),
+        default="range",
+        help="croc's tile schedule: range (croc), index lists (croc-index) or both, for the A/B",
+    )
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     quick_or = lambda value, quick, full: value if value is not None else (quick if args.quick else full)  # noqa: E731
@@ -301,6 +319,9 @@ def parse_args(argv=None):
     args.masks = quick_or(args.masks, ["croc", "causal"], list(layouts.MASK_KINDS))
     args.modes = args.modes or (list(MODES) if gpu else ["fwd"])
     args.providers = args.providers or list(GPU_PROVIDERS if gpu else CPU_PROVIDERS)
+    if "croc" in args.providers and args.schedule != "range":
+        at = args.providers.index("croc")
+        args.providers[at : at + 1] = ["croc", "croc-index"] if args.schedule == "both" else ["croc-index"]
     args.tokens = args.tokens or (1024 if args.quick else TOKENS_PER_BATCH)
     if args.quick:
         args.warmup, args.reps = 1, 3

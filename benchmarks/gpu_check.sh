@@ -58,6 +58,9 @@ fi
 
 step bench-attention 110 "$PY" benchmarks/attention.py --out "$OUT" --lengths 4096 8192 \
   --head-dims 128 --heads 32/32 --masks croc --warmup 2 --reps 5
+# A/B of the kernels' tile schedules (range vs index lists) on the same inputs, causal and Croc layout
+step bench-schedule-ab 90 "$PY" benchmarks/attention.py --out "$OUT" --tag _schedule_ab --lengths 8192 \
+  --head-dims 128 --heads 32/32 --masks causal croc --providers croc --schedule both --warmup 2 --reps 5
 step bench-assignment 40 "$PY" benchmarks/assignment.py --out "$OUT" --device cuda
 step bench-train-step 50 "$PY" benchmarks/train_step.py --out "$OUT" --device cuda
 

@@ -6,7 +6,6 @@ import math
 
 import torch
 
-from croc.constants import ATTENTION_BACKENDS as _BACKENDS
 from croc.mask import MixedMask
 from croc.ops.reference_attention import reference_mixed_attention
 
@@ -17,6 +16,7 @@ except ImportError:  # triton is an optional dependency
 
 __all__ = ["mixed_attention"]
 
+_BACKENDS = ("auto", "triton", "reference", "flex")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: reference only
 
 
@@ -75,6 +75,7 @@ def mixed_attention(
     mask: MixedMask,
     scale: float | None = None,
     backend: str = "auto",
+    kernel_options: dict | None = None,
 ) -> torch.Tensor:
     """Attention under a :class:`croc.MixedMask` (bidirectional spans, causal text, packing, padding).
 
@@ -89,6 +90,9 @@ def mixed_attention(
             96 padded to 128 in registers); fp32 inputs use TF32 dots; CPU tensors only under
             TRITON_INTERPRET=1 (the Triton interpreter, for tests).
 
+        kernel_options: backend="flex" only: passed to ``flex_attention`` (e.g. its FLASH backend).
+            ``"flex"``: compiled FlexAttention with ``mask.to_block_mask()`` (torch >= 2.6; CPU: forward only).
+
     Returns:
         [B, Hq, Lq, D] in q's dtype. Queries with an empty interval get zeros, and zero gradients.
     """
@@ -97,6 +101,13 @@ def mixed_attention(
     chosen = _resolve_backend(backend, q.device)
     if chosen != "reference" and q.dtype == torch.float64:
         raise ValueError("q/k/v: float64 is supported by backend='reference' only")
+    if kernel_options is not None and chosen != "flex":
+        raise ValueError(f"kernel_options is for backend='flex' only, got backend={backend!r}")
+    if chosen == "flex":
+        from croc.ops.flex_attention import flex_mixed_attention
+
+        bm = mask.to_block_mask()
+        return flex_mixed_attention(q, k, v, mask.kv_start, mask.kv_end, bm, scale, kernel_options)
     if chosen == "triton":
         return triton_mixed_attention(q, k, v, mask, scale)
     return reference_mixed_attention(q, k, v, mask.kv_start, mask.kv_end, scale)

@@ -1,6 +1,7 @@
 """Command line: ``croc demo``, ``croc init`` and ``croc train``.
 
 croc demo [--quick] [--out runs/demo]   the three stages on the embedded synthetic default
+croc demo --ablation [--quick]          with and without the Croc stage at equal steps (ablation.md)
 croc init --language_model DIR --vision_tower DIR --output_dir DIR [--dtype bfloat16]
                                         the stage-1 checkpoint from a local LLM and a CLIP tower
 croc train --stage S ...                one stage on LLaVA JSON data (see ``croc train -h``)
@@ -21,7 +22,23 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
+def _ablation(args: argparse.Namespace) -> None:
+    from croc.train.ablation import run_ablation
+
+    results = run_ablation(args.out, quick=args.quick)
+    for arm, result in results.items():
+        ev = result["eval"]
+        print(
+            f"croc demo --ablation: {arm}: caption token accuracy {ev['caption_token_accuracy']:.3f}, "
+            f"QA accuracy {ev['qa_accuracy']:.3f}"
+        )
+    print(f"croc demo --ablation: wrote {args.out}/ablation.md")
+
+
 def _demo(args: argparse.Namespace) -> None:
+    if args.ablation:
+        _ablation(args)
+        return
     from croc.train.demo import run_demo
 
     metrics = run_demo(args.out, quick=args.quick)
@@ -46,6 +63,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         default=os.environ.get("CROC_DEMO_QUICK", "0") == "1",
         help="a few steps per stage (smoke test, also CROC_DEMO_QUICK=1)",
+    )
+    demo.add_argument(
+        "--ablation",
+        action="store_true",
+        help="train twice at equal steps, with and without the Croc stage; write OUT/ablation.md",
     )
     init = sub.add_parser("init", help="compose the stage-1 checkpoint from a local LLM and a CLIP tower")
     init.add_argument("--language_model", required=True, help="local causal LM folder (with tokenizer)")

@@ -23,53 +23,9 @@ visible to query ``i`` iff ``valid[i] and valid[j] and seg[i] == seg[j] and (j <
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-__all__ = ["BlockMetadata", "MixedMask"]
-
-TILE_EMPTY = 0
-TILE_PARTIAL = 1
-TILE_FULL = 2
-
-
-@dataclass(frozen=True)
-class BlockMetadata:
-    """Tile classification of a mask for one (block_q, block_k) tiling.
-
-    Attributes:
-        block_q, block_k: the tile sizes (ints).
-        tile_kind: int8 [B, nQ, nK]; ``TILE_EMPTY`` (0, never loaded), ``TILE_PARTIAL`` (1, needs
-            per-element masking) or ``TILE_FULL`` (2, every (query, key) pair visible).
-        kv_blocks: int32 [B, nQ, nK]; for query block ``qb`` the indices of its non-empty key
-            blocks in ascending order, in the first ``kv_block_count[b, qb]`` entries (the rest
-            are padding, set to 0).
-        kv_block_count: int32 [B, nQ].
-        q_blocks: int32 [B, nK, nQ]; for key block ``kb`` its non-empty query blocks, ascending
-            (the column view, used by the backward's dK/dV pass).
-        q_block_count: int32 [B, nK].
-        kv_blocks_partial_first: int32 [B, nQ, nK]; the same key blocks as ``kv_blocks`` but the
-            ones that need per-element masking first (ascending), then the others (ascending). A
-            tile needs masking if it is PARTIAL or overhangs the end of the queries or keys (last
-            block of a length that is not a multiple of the block size). The kernels run one
-            masked loop over the first ``kv_partial_count`` entries and one unmasked loop over the rest.
-        kv_partial_count: int32 [B, nQ].
-        q_blocks_partial_first: int32 [B, nK, nQ]; the column view of the same, for the dK/dV pass.
-        q_partial_count: int32 [B, nK].
-    """
-
-    block_q: int
-    block_k: int
-    tile_kind: torch.Tensor
-    kv_blocks: torch.Tensor
-    kv_block_count: torch.Tensor
-    q_blocks: torch.Tensor
-    q_block_count: torch.Tensor
-    kv_blocks_partial_first: torch.Tensor
-    kv_partial_count: torch.Tensor
-    q_blocks_partial_first: torch.Tensor
-    q_partial_count: torch.Tensor
+__all__ = ["MixedMask"]
 
 
 def _check_2d_int(name: str, t: torch.Tensor) -> None:
@@ -119,52 +75,6 @@ def _first_bad_row(bad: torch.Tensor) -> int:
     return int(bad.nonzero()[0, 0])
 
 
-def _query_block_bounds(
-    kv_start: torch.Tensor, kv_end: torch.Tensor, block_q: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per query block: (min start, max start, min end, max end) over its non-empty rows, and
-    whether every row of the block is non-empty. int64 [B, nQ] each, bool [B, nQ] last.
-
-    Empty rows are left out of the min/max (a block of only empty rows gets min > max).
-    """
-    batch, seq_q = kv_start.shape
-    num_blocks = max(1, -(-seq_q // block_q))
-    tail = num_blocks * block_q - seq_q
-    big = torch.iinfo(torch.int32).max
-    start, end = kv_start.to(torch.int64), kv_end.to(torch.int64)
-    empty = end <= start
-    pad = lambda t, value: torch.nn.functional.pad(t, (0, tail), value=value).view(batch, num_blocks, block_q)  # noqa: E731
-    start_lo = pad(torch.where(empty, big, start), big).amin(dim=2)
-    start_hi = pad(torch.where(empty, -big, start), -big).amax(dim=2)
-    end_lo = pad(torch.where(empty, big, end), big).amin(dim=2)
-    end_hi = pad(torch.where(empty, -big, end), -big).amax(dim=2)
-    all_rows_nonempty = ~pad(empty, False).any(dim=2)
-    return start_lo, end_lo, start_hi, end_hi, all_rows_nonempty
-
-
-def _compact_block_lists(nonempty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For bool [..., n]: (indices of the True entries first, ascending, as int32; their count)."""
-    n = nonempty.shape[-1]
-    positions = torch.arange(n, device=nonempty.device, dtype=torch.int32)
-    order_key = torch.where(nonempty, positions, positions + n)
-    ordered = order_key.sort(dim=-1).values
-    count = nonempty.sum(dim=-1, dtype=torch.int32)
-    ids = torch.where(ordered < n, ordered, torch.zeros_like(ordered))
-    return ids.to(torch.int32), count
-
-
-def _partial_first_lists(nonempty: torch.Tensor, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For bool [..., n] (``partial`` implies ``nonempty``): indices of the partial entries
-    (ascending), then of the other non-empty ones (ascending), then 0 padding, as int32; and the
-    number of partial entries, int32 [...]."""
-    n = nonempty.shape[-1]
-    positions = torch.arange(n, device=nonempty.device, dtype=torch.int32)
-    group = torch.where(partial, 0, torch.where(nonempty, 1, 2)).to(torch.int32)
-    ordered = (group * n + positions).sort(dim=-1).values
-    ids = torch.where(ordered < 2 * n, ordered % n, torch.zeros_like(ordered))
-    return ids.contiguous(), partial.sum(dim=-1, dtype=torch.int32)
-
-
 class MixedMask:
     """Per-query key intervals ``[kv_start, kv_end)`` describing an attention mask in O(L) memory.
 
@@ -175,18 +85,35 @@ class MixedMask:
         kv_start: int32 [B, Lq], first visible key of each query (absolute key position).
         kv_end: int32 [B, Lq], one past the last visible key; ``kv_start == kv_end`` is an empty row.
         num_keys: int, the key length Lk the intervals refer to.
+        monotone: bool (read-only), see :attr:`monotone`.
     """
 
-    def __init__(self, kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int) -> None:
+    def __init__(
+        self, kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int, monotone: bool = False
+    ) -> None:
         self.kv_start = kv_start
         self.kv_end = kv_end
         self.num_keys = int(num_keys)
-        self._block_cache: dict[tuple[int, int], BlockMetadata] = {}
+        self._monotone = bool(monotone)
+        self._block_cache: dict[tuple, object] = {}  # tile schedules, filled by croc.ops.schedule
+
+    @property
+    def monotone(self) -> bool:
+        """True when, in every row, the non-empty intervals taken in query order have
+        non-decreasing ``kv_start`` and non-decreasing ``kv_end`` (empty rows are ignored). Every
+        builder's mask is; the kernels then use O(L) range schedules (``croc.ops.schedule``).
+        A host-side flag: never computed from the data in a hot path."""
+        return self._monotone
 
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_intervals(
-        cls, kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int, validate: bool = True
+        cls,
+        kv_start: torch.Tensor,
+        kv_end: torch.Tensor,
+        num_keys: int,
+        validate: bool = True,
+        monotone: bool | None = None,
     ) -> MixedMask:
         """General constructor from explicit intervals.
 
@@ -195,6 +122,13 @@ class MixedMask:
                 ``Lq`` may be smaller than ``num_keys`` (e.g. the last Lq queries of a KV cache).
             num_keys: the key length Lk.
             validate: check the range (one host sync); skip it in hot loops with trusted data.
+            monotone: the :attr:`monotone` flag. None: determined by the validation (same sync)
+                when ``validate``, else False. True/False: the caller's promise, checked when
+                ``validate`` (ValueError if wrong), trusted otherwise.
+
+        Raises:
+            ValueError: wrong shapes, dtypes or devices; with ``validate``, an interval outside
+                ``[0, num_keys]`` or ``monotone`` that does not hold.
         """
         _check_2d_int("kv_start", kv_start)
         _check_2d_int("kv_end", kv_end)
@@ -206,15 +140,38 @@ class MixedMask:
             raise ValueError(f"kv_start is on {kv_start.device} but kv_end is on {kv_end.device}")
         if isinstance(num_keys, bool) or not isinstance(num_keys, int) or num_keys < 0:
             raise ValueError(f"num_keys must be a non-negative int, got {num_keys!r}")
-        if validate and kv_start.numel() > 0:
-            bad = (kv_start < 0) | (kv_start > kv_end) | (kv_end > num_keys)
-            if bool(bad.any()):
-                b, i = (int(x) for x in bad.nonzero()[0])
+        if monotone is not None and not isinstance(monotone, bool):
+            raise TypeError(f"monotone must be a bool or None, got {type(monotone).__name__}")
+        if validate:
+            is_monotone = cls._validate_intervals(kv_start, kv_end, num_keys)
+            if monotone and not is_monotone:
                 raise ValueError(
-                    f"kv_start/kv_end: interval [{int(kv_start[b, i])}, {int(kv_end[b, i])}) of "
-                    f"query {i} in row {b} is not inside [0, num_keys={num_keys}] with start <= end"
+                    "monotone=True but kv_start/kv_end: the non-empty intervals of some row have a "
+                    "decreasing start or end along the row"
                 )
-        return cls(kv_start.to(torch.int32).contiguous(), kv_end.to(torch.int32).contiguous(), num_keys)
+            monotone = is_monotone if monotone is None else monotone
+        start, end = kv_start.to(torch.int32).contiguous(), kv_end.to(torch.int32).contiguous()
+        return cls(start, end, num_keys, monotone=bool(monotone))
+
+    @staticmethod
+    def _validate_intervals(kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int) -> bool:
+        """Raise ValueError on an interval outside [0, num_keys]; return whether the mask is
+        monotone. One host sync."""
+        if kv_start.numel() == 0:
+            return True
+        start, end = kv_start.to(torch.int64), kv_end.to(torch.int64)
+        bad = (start < 0) | (start > end) | (end > num_keys)
+        nonempty = end > start
+        rising = lambda t: torch.where(nonempty, t, -1).cummax(dim=1).values <= torch.where(nonempty, t, -1)  # noqa: E731
+        not_monotone = (nonempty & ~(rising(start) & rising(end))).any()
+        flags = torch.stack([bad.any(), not_monotone]).tolist()
+        if flags[0]:
+            b, i = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(
+                f"kv_start/kv_end: interval [{int(kv_start[b, i])}, {int(kv_end[b, i])}) of "
+                f"query {i} in row {b} is not inside [0, num_keys={num_keys}] with start <= end"
+            )
+        return not flags[1]
 
     @classmethod
     def causal(cls, batch: int, seq_len: int, device: torch.device | str | None = None) -> MixedMask:
@@ -222,7 +179,8 @@ class MixedMask:
         if batch < 0 or seq_len < 0:
             raise ValueError(f"batch and seq_len must be >= 0, got {batch} and {seq_len}")
         end = torch.arange(1, seq_len + 1, dtype=torch.int32, device=device).expand(batch, seq_len)
-        return cls(torch.zeros(batch, seq_len, dtype=torch.int32, device=device), end.contiguous(), seq_len)
+        start = torch.zeros(batch, seq_len, dtype=torch.int32, device=device)
+        return cls(start, end.contiguous(), seq_len, monotone=True)
 
     @classmethod
     def from_spans(
@@ -277,7 +235,8 @@ class MixedMask:
         kv_end = torch.where(in_span, span_end, positions + 1)
         kv_start = torch.where(valid, doc_start, torch.zeros_like(doc_start))
         kv_end = torch.where(valid, kv_end, torch.zeros_like(kv_end))
-        return cls(kv_start.to(torch.int32), kv_end.to(torch.int32), seq_len)
+        # documents are contiguous runs and spans lie inside one: starts and ends never decrease
+        return cls(kv_start.to(torch.int32), kv_end.to(torch.int32), seq_len, monotone=True)
 
     @staticmethod
     def _validate_layout(
@@ -361,8 +320,8 @@ class MixedMask:
         return self.kv_start.device
 
     def to(self, device: torch.device | str) -> MixedMask:
-        """A copy of the mask on ``device`` (the block-metadata cache is not carried over)."""
-        return MixedMask(self.kv_start.to(device), self.kv_end.to(device), self.num_keys)
+        """A copy of the mask on ``device`` (same ``monotone``; the schedule cache is not carried over)."""
+        return MixedMask(self.kv_start.to(device), self.kv_end.to(device), self.num_keys, self.monotone)
 
     def to_dense(self) -> torch.Tensor:
         """bool [B, Lq, Lk]: ``True`` where query ``i`` may attend to key ``j``. O(L²) memory: tests only."""
@@ -373,57 +332,23 @@ class MixedMask:
         """bool [B, Lq]: queries that see no key (padding)."""
         return self.kv_end <= self.kv_start
 
-    def block_metadata(self, block_q: int, block_k: int) -> BlockMetadata:
-        """Classify every (block_q × block_k) tile as empty, partial or full; cached per tiling.
+    def block_metadata(self, block_q: int, block_k: int):
+        """Tile classification for one tiling (:class:`croc.BlockMetadata`), cached on the mask.
 
-        Vectorised over tokens (no Python loop), so the cost is a few small kernels per batch; the
-        result is reused by every attention layer that gets this mask.
-        """
-        key = (int(block_q), int(block_k))
-        if key not in self._block_cache:
-            self._block_cache[key] = self._compute_block_metadata(*key)
-        return self._block_cache[key]
+        A thin delegate to :func:`croc.ops.schedule.block_metadata`, where the kernels' schedules live."""
+        from croc.ops.schedule import block_metadata
 
-    def _compute_block_metadata(self, block_q: int, block_k: int) -> BlockMetadata:
-        """Classify tiles from block min/max of the intervals.
+        return block_metadata(self, block_q, block_k)
 
-        A tile (query block qb, key block kb covering keys [k0, k1)) is
-        - FULL when every row of qb is non-empty and max(start) <= k0 and min(end) >= k1: exact;
-        - EMPTY when no non-empty row's interval can reach it: max(end) <= k0 or min(start) >= k1;
-        - PARTIAL otherwise. This is conservative: a tile that lies in a gap between the rows'
-          intervals is kept as partial (the kernel's per-element mask makes it correct).
-        """
-        if block_q <= 0 or block_k <= 0:
-            raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
-        num_k_blocks = max(1, -(-self.num_keys // block_k))
-        start_lo, end_lo, start_hi, end_hi, all_rows_nonempty = _query_block_bounds(
-            self.kv_start, self.kv_end, block_q
-        )
-        key_lo = torch.arange(num_k_blocks, device=self.device, dtype=torch.int64) * block_k
-        key_hi = (key_lo + block_k).clamp_max(self.num_keys)
-        reaches = (end_hi[..., None] > key_lo) & (start_lo[..., None] < key_hi)
-        covers = (
-            all_rows_nonempty[..., None] & (start_hi[..., None] <= key_lo) & (end_lo[..., None] >= key_hi)
-        )
-        kind = torch.where(reaches, TILE_PARTIAL, TILE_EMPTY)
-        kind = torch.where(reaches & covers, TILE_FULL, kind).to(torch.int8)
-        kv_blocks, kv_count = _compact_block_lists(reaches)
-        q_blocks, q_count = _compact_block_lists(reaches.transpose(1, 2))
-        num_q_blocks = kind.shape[1]
-        overhang_q = (
-            torch.arange(num_q_blocks, device=self.device) * block_q + block_q > self.kv_start.shape[1]
-        )
-        overhang_k = key_lo + block_k > self.num_keys
-        partial = (kind == TILE_PARTIAL) | (reaches & (overhang_q[:, None] | overhang_k[None, :]))
-        kv_first, kv_partial = _partial_first_lists(reaches, partial)
-        q_first, q_partial = _partial_first_lists(reaches.transpose(1, 2), partial.transpose(1, 2))
-        return BlockMetadata(
-            block_q, block_k, kind, kv_blocks, kv_count, q_blocks.contiguous(), q_count,
-            kv_first, kv_partial, q_first, q_partial,
-        )  # fmt: skip
+    def to_block_mask(self, block_size: int | tuple[int, int] = 128):
+        """FlexAttention's ``BlockMask`` built from the intervals (no ``create_block_mask``, no dense
+        mask, no host sync); see :func:`croc.ops.flex_attention.block_mask_from_intervals`."""
+        from croc.ops.flex_attention import block_mask_from_intervals
+
+        return block_mask_from_intervals(self.kv_start, self.kv_end, self.num_keys, block_size)
 
     def __repr__(self) -> str:
         return (
             f"MixedMask(batch={self.batch_size}, num_queries={self.num_queries}, "
-            f"num_keys={self.num_keys}, device={self.device})"
+            f"num_keys={self.num_keys}, monotone={self.monotone}, device={self.device})"
         )

@@ -123,14 +123,6 @@ class PromptTokenPool(nn.Module):
         squared = query.pow(2).sum(-1, keepdim=True) + pool.pow(2).sum(-1) - 2.0 * query @ pool.T
         return squared.clamp_min(0.0).sqrt()
 
-    def assign(self, selected: torch.Tensor) -> torch.Tensor:
-        """int64 [B, n]: the pool token given to each of the ``selected`` [B, n, D] tokens (not differentiated)."""
-        with torch.no_grad():
-            cost = self.cost(selected)
-            if self.assignment == "nearest":
-                return cost.argmin(dim=-1)
-            return linear_sum_assignment(cost)
-
     def forward(
         self, tokens: torch.Tensor, replace_mask: torch.Tensor, num_replaced: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,44 +130,66 @@ class PromptTokenPool(nn.Module):
 
         Args:
             tokens: float [B, N, D] visual tokens (any float dtype; the output keeps it).
-            replace_mask: bool [B, N], True at the tokens to replace; every row must select the
-                same number n of tokens (as :func:`random_replace_mask` does).
-            num_replaced: n, if known (e.g. ``round(ratio * N)``). Passing it avoids reading n from
-                the mask, which costs one device-to-host sync and checks that all rows agree.
+            replace_mask: bool [B, N], True at the tokens to replace. Rows may select different
+                numbers of tokens (dynamic resolution, padded rows, several images of one sample
+                solved jointly): all rows are solved in one batched call. With ``"hungarian"`` a
+                row may select at most ``num_tokens`` tokens.
+            num_replaced: n, if every row selects exactly n tokens and n is known (e.g.
+                ``round(ratio * N)``): skips reading the counts from the mask (one device-to-host
+                sync) and is not checked against it.
 
         Returns:
             new_tokens: [B, N, D] in ``tokens.dtype``; unselected tokens unchanged, selected ones
                 equal to ``self.tokens[cols]``, with the gradient flowing into ``self.tokens``
                 (and into ``tokens`` at the unselected positions).
             cols: int64 [B, N]; the pool index given to each selected token, -1 elsewhere.
+
+        Raises:
+            ValueError: with ``"hungarian"``, a row selects more tokens than the pool holds (the
+                message names the row).
         """
         _check_inputs(tokens, replace_mask, self.dim)
         batch, length, dim = tokens.shape
-        count = self._count(replace_mask) if num_replaced is None else int(num_replaced)
-        if self.assignment == "hungarian" and count > self.num_tokens:
-            raise ValueError(
-                f"hungarian assignment needs at most num_tokens={self.num_tokens} replaced tokens per row, "
-                f"got {count}"
-            )
-        positions = (~replace_mask).to(torch.int8).argsort(dim=1, stable=True)[:, :count]  # [B, n]
-        gather_index = positions.unsqueeze(-1).expand(batch, count, dim)
-        chosen = self.assign(tokens.gather(1, gather_index))  # [B, n]
-        replacement = self.tokens.index_select(0, chosen.reshape(-1)).view(batch, count, dim)
+        if num_replaced is None:
+            counts = replace_mask.sum(dim=1)  # [B]
+            width = int(counts.max()) if batch else 0
+        else:
+            counts, width = None, int(num_replaced)
+        if self.assignment == "hungarian" and width > self.num_tokens:
+            self._raise_too_many(counts, width)
+        positions = (~replace_mask).to(torch.int8).argsort(dim=1, stable=True)[:, :width]  # [B, n]
+        gather_index = positions.unsqueeze(-1).expand(batch, width, dim)
+        selected = tokens.gather(1, gather_index)
+        chosen = self.assign(selected, counts)  # [B, n], -1 past a row's count
+        replacement = self.tokens.index_select(0, chosen.clamp_min(0).reshape(-1)).view(batch, width, dim)
+        if counts is not None:  # slots past a row's count hold unselected tokens: write them back
+            replacement = torch.where((chosen >= 0).unsqueeze(-1), replacement.to(tokens.dtype), selected)
         new_tokens = tokens.scatter(1, gather_index, replacement.to(tokens.dtype))
         cols = torch.full((batch, length), -1, dtype=torch.int64, device=tokens.device)
         return new_tokens, cols.scatter(1, positions, chosen)
 
-    @staticmethod
-    def _count(replace_mask: torch.Tensor) -> int:
-        counts = replace_mask.sum(dim=1)
-        if counts.numel() == 0:
-            return 0
-        if bool((counts != counts[0]).any()):
-            raise ValueError(
-                "replace_mask must select the same number of tokens in every row, got counts "
-                f"{counts.tolist()}"
-            )
-        return int(counts[0])
+    def assign(self, selected: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """int64 [B, n]: the pool token given to each of the ``selected`` [B, n, D] tokens (not
+        differentiated); with ``counts`` (int [B]) row b uses its first counts[b] tokens and the
+        others get -1. Hungarian: one batched :func:`croc.linear_sum_assignment` call."""
+        with torch.no_grad():
+            cost = self.cost(selected)
+            if self.assignment == "nearest":
+                chosen = cost.argmin(dim=-1)
+            else:
+                chosen = linear_sum_assignment(cost, num_rows=counts)
+            if counts is None:
+                return chosen
+            used = torch.arange(selected.shape[1], device=selected.device) < counts.unsqueeze(1)
+            return chosen.masked_fill(~used, -1)
+
+    def _raise_too_many(self, counts: torch.Tensor | None, width: int) -> None:
+        row = 0 if counts is None else int((counts > self.num_tokens).nonzero()[0, 0])
+        raise ValueError(
+            f"hungarian assignment needs at most num_tokens={self.num_tokens} replaced tokens per row, "
+            f"but row {row} of replace_mask selects {width if counts is None else int(counts[row])}; "
+            "use a larger pool, fewer replaced tokens, or assignment='nearest'"
+        )
 
     def extra_repr(self) -> str:
         return f"num_tokens={self.num_tokens}, dim={self.dim}, init={self.init!r}, assignment={self.assignment!r}"

@@ -15,11 +15,11 @@
 // matrix is solved exactly as its float64 widening (as scipy does).
 //
 // Every function here is __host__ __device__ over plain pointers. Work that a CUDA thread block
-// spreads over its threads takes (tid, nthreads) and touches only its strided share; the CUDA
-// kernel (lsap_cuda.cu) calls these with threadIdx.x / blockDim.x, the host harness
-// (lsap_harness.cpp) loops over tid to stand in for the threads, and the CPU solver
-// (lsap_cpu.cpp) calls them with tid = 0, nthreads = 1. Functions marked "serial" run on one
-// thread between barriers.
+// spreads over its threads takes (tid, nthreads) and touches only its strided share; functions
+// marked "serial" run on one thread between barriers. The order of the phases is written once,
+// in lsap_driver.h, over an executor that says how the threads run: the CUDA kernel's block
+// (lsap_kernel.cuh), the host harness's loop over simulated threads (lsap_harness.cpp) and the
+// CPU solver's single thread (lsap_cpu.cpp).
 #pragma once
 
 #include <cstdint>
@@ -33,7 +33,7 @@
 namespace croc_lsap {
 
 // Outcome of one problem, written to the status output.
-enum Status : int32_t { kOk = 0, kInfeasible = 1, kInvalidEntry = 2 };
+enum Status : int32_t { kOk = 0, kInfeasible = 1, kInvalidEntry = 2, kBadRowCount = 3 };
 
 CROC_HD double infinity() { return __builtin_huge_val(); }
 

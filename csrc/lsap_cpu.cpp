@@ -1,6 +1,7 @@
-// CPU implementation of croc::linear_sum_assignment: the problems of a batch are solved in
-// parallel on torch's threads (see WorkQueue), each one on one thread with the core of lsap_core.h (the
-// Dijkstra step has a vectorised equivalent here, relax_row).
+// CPU implementation of croc::linear_sum_assignment: the problems of a (possibly ragged) batch are
+// solved in parallel on torch's threads (see WorkQueue), each one on one thread by the driver of
+// lsap_driver.h with the CpuThread executor (the Dijkstra step has a vectorised equivalent here,
+// relax_row).
 //
 // One vectorised pass over a problem (survey) finds every row's minimum and any NaN/-inf entry. If the greedy start would assign at least half of the rows, the
 // searches are short and the whole matrix is solved directly. Otherwise the rows compete for the
@@ -29,6 +30,7 @@
 #include <torch/library.h>
 
 #include "lsap_checks.h"
+#include "lsap_driver.h"
 
 namespace croc_lsap {
 namespace {
@@ -232,56 +234,54 @@ CROC_SIMD_CLONES Candidate relax_row(const double* cost_row, double sign, const 
   return relax_row_body(cost_row, sign, w, i, min_val, first);
 }
 
-// Greedy start from v = 0 (row_min: each row's cheapest column in the view's numbering) or, when
-// col_min is given, from the warm start with threshold theta. Returns the number of rows assigned.
-template <typename T>
-int greedy_start(const CostView<T>& cost, const Workspace& w, const std::vector<Candidate>& row_min,
-                 const double* col_min, double theta) {
-  init_workspace(w, col_min, theta, 0, 1);
-  int claimed = 0;
-  for (int i = 0; i < w.n; ++i) {
-    const Candidate best = col_min == nullptr ? row_min[i] : row_min_share(cost, w.v, i, w.m, 0, 1).best;
-    claimed += greedy_claim(w, i, best);
-  }
-  return claimed;
-}
+// The driver's executor for one CPU thread (lsap_driver.h), with what the survey already knows:
+// the row minima from v = 0 (`cached`) and the column minima (filled before the warm start runs,
+// by column_minima() below, in the problem's numbering). The Dijkstra step is relax_row.
+struct CpuThread {
+  const Candidate* cached;  // [n] each row's cheapest column in the view's numbering
 
-// Shortest augmenting path for every row the greedy start left unassigned, on one thread.
-template <typename T>
-Status augment_all(const CostView<T>& cost, const Workspace& w) {
-  for (int root = 0; root < w.n; ++root) {
-    if (w.col4row[root] != -1) continue;
-    Search s = start_search(root);
-    bool first = true;
-    while (s.sink < 0) {
-      const Candidate best = relax_row(cost.data + s.row * cost.stride, cost.sign, w, s.row, s.min_val, first);
-      first = false;
-      settle(w, s, best);
-      if (s.status != kOk) return kInfeasible;
-    }
-    update_duals(w, s, root, 0, 1);
-    augment(w, root, s.sink);
+  template <typename F>
+  void strided(F&& f) {
+    f(0, 1);
   }
-  return kOk;
-}
+  void sync() {}
+  template <typename F>
+  void serial(F&& f) {
+    f();
+  }
+  template <typename F>
+  bool all(F&& f) {
+    return f(0, 1);
+  }
+  template <typename T, typename Store>
+  void row_minima(const CostView<T>& cost, const Workspace& w, bool warm, Store&& store) {
+    for (int i = 0; i < w.n; ++i) store(i, warm ? row_min_share(cost, w.v, i, w.m, 0, 1) : RowMin{cached[i], false});
+  }
+  template <typename T>
+  Candidate relax_best(const CostView<T>& cost, const Workspace& w, int row, double min_val, bool first) {
+    return relax_row(cost.data + row * cost.stride, cost.sign, w, row, min_val, first);
+  }
+  template <typename T>
+  void column_minima(const CostView<T>&, const Workspace&, double*) {}  // the survey's, passed in
+  void threshold(const double* col_min, int m, int rank, double* theta) {
+    std::vector<double> sorted(col_min, col_min + m);
+    std::nth_element(sorted.begin(), sorted.begin() + rank, sorted.end());
+    *theta = sorted[rank];
+  }
+};
 
-// Solves one view (the whole matrix or the candidate columns): greedy start, the warm start when
-// the greedy start assigned fewer than half of the rows, searches, and a plain re-solve if the
-// warm start's duals do not certify the result. row_min: each row's cheapest column in the view's
-// numbering; col_min: [m] the view's column minima.
+// Solves one view (the whole matrix or the candidate columns) with the driver. row_min: each
+// row's cheapest column in the view's numbering; col_min: [m] the view's column minima (read
+// only when the warm start runs).
 template <typename T>
 Status solve_view(const CostView<T>& cost, const Workspace& w, const std::vector<Candidate>& row_min,
-                  const double* col_min) {
-  const int claimed = greedy_start(cost, w, row_min, nullptr, 0.0);
-  if (2 * claimed >= w.n) return augment_all(cost, w);
-  std::vector<double> sorted(col_min, col_min + w.m);
-  const int rank = warm_start_rank(w.n, w.m);
-  std::nth_element(sorted.begin(), sorted.begin() + rank, sorted.end());
-  greedy_start(cost, w, row_min, col_min, sorted[rank]);
-  const Status status = augment_all(cost, w);
-  if (status != kOk || free_columns_certified_share(w, 0, 1)) return status;
-  greedy_start(cost, w, row_min, nullptr, 0.0);
-  return augment_all(cost, w);
+                  double* col_min) {
+  CpuThread thread{row_min.data()};
+  thread_local std::vector<Candidate> row_min_scratch;
+  row_min_scratch.resize(w.n);
+  Shared shared{};
+  return static_cast<Status>(
+      solve_problem_with(thread, cost, w, col_min, row_min_scratch.data(), shared));
 }
 
 // Candidate columns: the rows' cheapest columns plus the smallest column minima, up to `target`.
@@ -350,7 +350,7 @@ Status solve_pruned(const CostView<T>& cost, const Survey& s, int n, int m, std:
 }
 
 template <typename T>
-Status solve_full(const CostView<T>& cost, const Survey& s, int n, int m, Scratch& scratch, int64_t* out) {
+Status solve_full(const CostView<T>& cost, Survey& s, int n, int m, Scratch& scratch, int64_t* out) {
   const Workspace w = scratch.bind(n, m);
   if (solve_view(cost, w, s.row_min, s.col_min.data()) != kOk) return kInfeasible;
   for (int i = 0; i < n; ++i) out[i] = w.col4row[i];
@@ -406,8 +406,10 @@ struct WorkQueue {
 
 // Solves every problem of the batch, on up to at::get_num_threads() threads (helpers come from
 // torch's inter-op thread pool). Batches of under ~2^20 cost entries run on the calling thread.
+// num_rows: the ragged counts (int64 [B]) or nullptr; rows past a problem's count get -1.
 template <typename T>
-void solve_batch(const at::Tensor& cost, bool maximize, at::Tensor& out, at::Tensor& status) {
+void solve_batch(const at::Tensor& cost, const int64_t* num_rows, bool maximize, at::Tensor& out,
+                 at::Tensor& status) {
   const int64_t batch = cost.size(0);
   const int n = static_cast<int>(cost.size(1));
   const int m = static_cast<int>(cost.size(2));
@@ -417,7 +419,11 @@ void solve_batch(const at::Tensor& cost, bool maximize, at::Tensor& out, at::Ten
   const double sign = maximize ? -1.0 : 1.0;
   auto queue = std::make_shared<WorkQueue>(batch, [=](int64_t b) {
     const CostView<T> view{data + b * static_cast<int64_t>(n) * m, m, sign};
-    st[b] = solve_problem(view, n, m, cols + b * n);
+    int result;
+    const int rows = problem_rows(num_rows, b, n, m, &result);
+    if (result == kOk) result = solve_problem(view, rows, m, cols + b * n);
+    std::fill(cols + b * n + (result == kOk ? rows : 0), cols + (b + 1) * n, int64_t{-1});
+    st[b] = result;
   });
   const int64_t entries = batch * static_cast<int64_t>(n) * m;
   const int64_t helpers = entries < (int64_t{1} << 20) ? 0 : std::min<int64_t>(at::get_num_threads(), batch) - 1;
@@ -426,18 +432,21 @@ void solve_batch(const at::Tensor& cost, bool maximize, at::Tensor& out, at::Ten
   queue->wait();
 }
 
-at::Tensor linear_sum_assignment_cpu(const at::Tensor& cost_in, bool maximize) {
-  check_cost(cost_in);
+at::Tensor linear_sum_assignment_cpu(const at::Tensor& cost_in, bool maximize,
+                                     const std::optional<at::Tensor>& num_rows_in) {
+  check_cost(cost_in, num_rows_in);
   const at::Tensor cost = cost_in.contiguous();
+  const std::optional<at::Tensor> num_rows = contiguous_rows(num_rows_in);
+  const int64_t* rows = num_rows ? num_rows->data_ptr<int64_t>() : nullptr;
   at::Tensor out = at::empty({cost.size(0), cost.size(1)}, cost.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
   at::Tensor status = at::zeros({cost.size(0)}, cost.options().dtype(at::kInt));
   if (cost.scalar_type() == at::kFloat) {
-    solve_batch<float>(cost, maximize, out, status);
+    solve_batch<float>(cost, rows, maximize, out, status);
   } else {
-    solve_batch<double>(cost, maximize, out, status);
+    solve_batch<double>(cost, rows, maximize, out, status);
   }
-  raise_on_status(status, maximize);
+  raise_on_status(status, maximize, num_rows, cost.size(1), cost.size(2));
   return out;
 }
 

@@ -6,10 +6,10 @@
 namespace croc_lsap {
 namespace cuda {
 
-template cudaError_t launch<float>(const float*, int64_t, int, int, bool, int64_t*, int32_t*, unsigned char*,
-                                   cudaStream_t);
-template cudaError_t launch<double>(const double*, int64_t, int, int, bool, int64_t*, int32_t*, unsigned char*,
-                                    cudaStream_t);
+template cudaError_t launch<float>(const float*, const int64_t*, int64_t, int, int, bool, int64_t*, int32_t*,
+                                   unsigned char*, cudaStream_t);
+template cudaError_t launch<double>(const double*, const int64_t*, int64_t, int, int, bool, int64_t*, int32_t*,
+                                    unsigned char*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace croc_lsap

@@ -21,10 +21,13 @@
 namespace croc_lsap {
 namespace {
 
-at::Tensor linear_sum_assignment_cuda(const at::Tensor& cost_in, bool maximize) {
-  check_cost(cost_in);
+at::Tensor linear_sum_assignment_cuda(const at::Tensor& cost_in, bool maximize,
+                                      const std::optional<at::Tensor>& num_rows_in) {
+  check_cost(cost_in, num_rows_in);
   const c10::DeviceGuard guard(cost_in.device());
   const at::Tensor cost = cost_in.contiguous();
+  const std::optional<at::Tensor> num_rows = contiguous_rows(num_rows_in);
+  const int64_t* rows = num_rows ? num_rows->data_ptr<int64_t>() : nullptr;
   const int64_t batch = cost.size(0);
   const int n = static_cast<int>(cost.size(1));
   const int m = static_cast<int>(cost.size(2));
@@ -36,13 +39,13 @@ at::Tensor linear_sum_assignment_cuda(const at::Tensor& cost_in, bool maximize) 
   const cudaStream_t stream = static_cast<cudaStream_t>(current.native_handle());
   const cudaError_t launched =
       cost.scalar_type() == at::kFloat
-          ? cuda::launch(cost.data_ptr<float>(), batch, n, m, maximize, out.data_ptr<int64_t>(),
+          ? cuda::launch(cost.data_ptr<float>(), rows, batch, n, m, maximize, out.data_ptr<int64_t>(),
                          status.data_ptr<int32_t>(), workspace.data_ptr<uint8_t>(), stream)
-          : cuda::launch(cost.data_ptr<double>(), batch, n, m, maximize, out.data_ptr<int64_t>(),
+          : cuda::launch(cost.data_ptr<double>(), rows, batch, n, m, maximize, out.data_ptr<int64_t>(),
                          status.data_ptr<int32_t>(), workspace.data_ptr<uint8_t>(), stream);
   TORCH_CHECK(launched == cudaSuccess, "croc::linear_sum_assignment: kernel launch failed: ",
               cudaGetErrorString(launched));
-  raise_on_status(status.cpu(), maximize);
+  raise_on_status(status.cpu(), maximize, num_rows, n, m);
   return out;
 }
 

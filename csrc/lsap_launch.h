@@ -21,17 +21,18 @@ CROC_HD int64_t workspace_bytes(int n, int m) {
 }
 
 // Launches the solver for `batch` problems of shape [n, m] stored contiguously in `cost` (float
-// or double) on `stream`, without synchronising. out: int64 [batch, n]; status: int32 [batch]
-// (a croc_lsap::Status per problem); workspace: batch * workspace_bytes(n, m) bytes. Returns the
-// launch error, if any.
+// or double) on `stream`, without synchronising. num_rows: int64 [batch] on the device (problem b
+// uses its first num_rows[b] rows; out of range: status kBadRowCount) or nullptr (all n rows).
+// out: int64 [batch, n], -1 past num_rows[b]; status: int32 [batch] (a croc_lsap::Status per
+// problem); workspace: batch * workspace_bytes(n, m) bytes. Returns the launch error, if any.
 template <typename T>
-cudaError_t launch(const T* cost, int64_t batch, int n, int m, bool maximize, int64_t* out, int32_t* status,
-                   unsigned char* workspace, cudaStream_t stream);
+cudaError_t launch(const T* cost, const int64_t* num_rows, int64_t batch, int n, int m, bool maximize,
+                   int64_t* out, int32_t* status, unsigned char* workspace, cudaStream_t stream);
 
-extern template cudaError_t launch<float>(const float*, int64_t, int, int, bool, int64_t*, int32_t*,
-                                          unsigned char*, cudaStream_t);
-extern template cudaError_t launch<double>(const double*, int64_t, int, int, bool, int64_t*, int32_t*,
-                                           unsigned char*, cudaStream_t);
+extern template cudaError_t launch<float>(const float*, const int64_t*, int64_t, int, int, bool, int64_t*,
+                                          int32_t*, unsigned char*, cudaStream_t);
+extern template cudaError_t launch<double>(const double*, const int64_t*, int64_t, int, int, bool, int64_t*,
+                                           int32_t*, unsigned char*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace croc_lsap

@@ -7,10 +7,13 @@
 
 TORCH_LIBRARY_FRAGMENT(croc, m) {
   // cost: float32/float64 [B, n, m], n <= m. Returns int64 [B, n], the column of every row.
-  m.def("linear_sum_assignment(Tensor cost, bool maximize) -> Tensor");
+  // num_rows: optional int64 [B] (ragged batch): problem b uses its first num_rows[b] rows
+  // (0 <= num_rows[b] <= min(n, m); n may then exceed m); the other rows get -1.
+  m.def("linear_sum_assignment(Tensor cost, bool maximize, Tensor? num_rows=None) -> Tensor");
   // Host harness of the CUDA kernel's block algorithm: the same core functions, with loops over
   // `num_threads` simulated threads (CPU tensors only; for tests).
-  m.def("lsap_block_harness(Tensor cost, bool maximize, int num_threads) -> Tensor");
+  m.def(
+      "lsap_block_harness(Tensor cost, bool maximize, int num_threads, Tensor? num_rows=None) -> Tensor");
 }
 
 // Reports whether the CUDA implementation was compiled into this build.

@@ -60,14 +60,19 @@ def _cfg(forward: tuple, dkdv: tuple, dq: tuple) -> AttentionConfig:
 # Picked on a CPU machine from candidate lists by `python -m croc.kernels.aot` (no register spills,
 # dynamic shared memory <= 227 KiB on sm_90 and <= 99 KiB on sm_80, so that sm_86/sm_89 fit too),
 # preferring large tiles and 8 warps with M >= 64 (Hopper wgmma). Not yet tuned for speed on a GPU.
+# sm_90, D = 128, fp16/bf16 (issue 10, by `python -m croc.kernels.aot --report` on Triton 3.6 and 3.9):
+# forward 128x128x8x3 spills with the index schedule (3.6: 24 B) and with both on 3.9 (range 112 B),
+# so 128x64x8x3 (0 spill, copies one tile ahead); dK/dV 64x128 spills once the range loop is
+# software-pipelined (any stage count), 16x128x8x3 does not and keeps one tile in flight; dQ
+# prefetches one tile at 3 stages.
 # fp32 inputs run TF32 dots, whose register footprint forces smaller tiles.
 _TABLE: dict[tuple[int, int, bool], AttentionConfig] = {
     (90, 64, False): _cfg(forward=(128, 128, 8, 3), dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
-    (90, 128, False): _cfg(forward=(128, 128, 8, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 2)),
+    (90, 128, False): _cfg(forward=(128, 64, 8, 3), dkdv=(16, 128, 8, 3), dq=(128, 64, 8, 3)),
     (80, 64, False): _cfg(forward=(128, 64, 8, 3), dkdv=(32, 64, 4, 1), dq=(128, 32, 8, 3)),
     (80, 128, False): _cfg(forward=(128, 64, 8, 3), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2)),
-    (90, 64, True): _cfg(forward=(128, 64, 8, 3), dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
-    (90, 128, True): _cfg(forward=(64, 32, 4, 3), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1)),
+    (90, 64, True): _cfg(forward=(64, 64, 8, 3), dkdv=(32, 128, 8, 2), dq=(128, 64, 8, 2)),  # 3.9 spilled
+    (90, 128, True): _cfg(forward=(32, 32, 4, 3), dkdv=(32, 32, 4, 1), dq=(16, 32, 4, 1)),  # 64x32 spilled
     (80, 64, True): _cfg(forward=(128, 64, 8, 3), dkdv=(16, 32, 4, 1), dq=(64, 32, 8, 1)),
     (80, 128, True): _cfg(forward=(64, 32, 4, 2), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1)),
 }
@@ -112,7 +117,7 @@ def all_configs() -> list[tuple[int, int, torch.dtype, AttentionConfig]]:
     """Every (arch, head dim, dtype, config) the package can launch on a GPU (for the AOT test)."""
     return [
         (arch, head_dim, dtype, lookup(arch, head_dim, dtype))
-        for arch in (80, 90)
+        for arch in (90, 80)
         for head_dim in SUPPORTED_HEAD_DIMS
         for dtype in (torch.float16, torch.bfloat16, torch.float32)
     ]

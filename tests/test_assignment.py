@@ -336,3 +336,115 @@ def test_cuda_kernel_errors_and_empty_inputs():
     forbidden = torch.rand(3, 20, 30, dtype=torch.float64)
     forbidden[torch.rand(forbidden.shape) < 0.5] = float("inf")
     assert_optimal(forbidden, croc.linear_sum_assignment(forbidden.cuda()))
+
+
+# ----------------------------------------------------------------------------- ragged batches
+def ragged_batch(
+    n: int, m: int, counts: list[int], raw_pool: bool, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cost float32 [B, n, m], num_rows int64 [B]): Croc-like costs whose padding rows are NaN,
+    so a solver that reads a padding row fails."""
+    cost = croc_costs(len(counts), n, m, 16, raw_pool, seed)
+    num_rows = torch.tensor(counts, dtype=torch.int64)
+    cost[torch.arange(n)[None, :] >= num_rows[:, None]] = float("nan")
+    return cost, num_rows
+
+
+def assert_ragged_optimal(
+    cost: torch.Tensor, num_rows: torch.Tensor, cols: torch.Tensor, maximize=False
+) -> None:
+    """Rows past num_rows[b] are -1, the first num_rows[b] rows reach scipy's optimum of their sub-problem."""
+    assert cols.dtype == torch.int64 and cols.shape == cost.shape[:2]
+    for b, count in enumerate(num_rows.tolist()):
+        assert (cols[b, count:] == -1).all(), f"problem {b}: padding rows got columns"
+        if count:
+            assert_optimal(cost[b : b + 1, :count], cols[b : b + 1, :count], maximize=maximize)
+
+
+RAGGED = [
+    # (n, m, counts, raw_pool): easy and hard (raw pool: warm start, pruning) problems, empty
+    # ones, full ones, and n > m where every count fits m
+    (12, 40, [12, 0, 5, 1, 9], False),
+    (48, 160, [48, 20, 33, 0], True),
+    (30, 20, [20, 7, 0, 13], False),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(("n", "m", "counts", "raw_pool"), RAGGED)
+@pytest.mark.parametrize("maximize", [False, True])
+def test_ragged_batches_match_scipy(backend, n, m, counts, raw_pool, maximize):
+    cost, num_rows = ragged_batch(n, m, counts, raw_pool, seed=n + m)
+    cols = croc.linear_sum_assignment(cost, maximize=maximize, backend=backend, num_rows=num_rows)
+    assert_ragged_optimal(cost, num_rows, cols, maximize)
+
+
+@needs_ext
+@pytest.mark.parametrize(("n", "m", "counts", "raw_pool"), RAGGED)
+def test_block_harness_solves_ragged_batches(n, m, counts, raw_pool):
+    """The kernel's driver on a ragged batch, with 1, 7 and 32 simulated threads: same result."""
+    cost, num_rows = ragged_batch(n, m, counts, raw_pool, seed=n * m)
+    results = [torch.ops.croc.lsap_block_harness(cost, False, t, num_rows) for t in (1, 7, 32)]
+    for cols in results[1:]:
+        assert torch.equal(cols, results[0])
+    assert_ragged_optimal(cost, num_rows, results[0])
+
+
+@needs_ext
+def test_ragged_equals_solving_each_problem_alone():
+    cost, num_rows = ragged_batch(20, 50, [20, 3, 11], raw_pool=True, seed=5)
+    cols = croc.linear_sum_assignment(cost, backend="cpu", num_rows=num_rows)
+    for b, count in enumerate(num_rows.tolist()):
+        assert torch.equal(cols[b, :count], croc.linear_sum_assignment(cost[b, :count], backend="cpu"))
+
+
+RAGGED_ERRORS = [
+    (torch.rand(3, 6, 4), torch.tensor([1, 5, 2]), r"num_rows\[1\] = 5 is out of range: .*min\(n, m\) = 4"),
+    (torch.rand(3, 4, 6), torch.tensor([1, 2, 5]), r"num_rows\[2\] = 5 is out of range: .*min\(n, m\) = 4"),
+    (torch.rand(3, 4, 6), torch.tensor([-1, 2, 3]), r"num_rows\[0\] = -1 is out of range"),
+    (torch.rand(3, 4, 6), torch.tensor([1.0, 2.0, 3.0]), r"num_rows must be an integer tensor"),
+    (torch.rand(3, 4, 6), torch.tensor([True, False, True]), r"num_rows must be an integer tensor"),
+    (torch.rand(3, 4, 6), torch.tensor([1, 2]), r"num_rows must have shape \[3\]"),
+    (torch.rand(3, 4, 6), torch.tensor([[1, 2, 3]]), r"num_rows must have shape \[3\]"),
+    (torch.rand(4, 6), torch.tensor([1]), r"num_rows needs a batched cost"),
+    (torch.rand(3, 4, 6), torch.zeros(3, dtype=torch.int64, device="meta"), r"num_rows is on meta"),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(("cost", "num_rows", "message"), RAGGED_ERRORS)
+def test_ragged_errors_name_num_rows(backend, cost, num_rows, message):
+    with pytest.raises(ValueError, match=message):
+        croc.linear_sum_assignment(cost, backend=backend, num_rows=num_rows)
+    with pytest.raises(TypeError, match=r"num_rows must be an integer torch\.Tensor"):
+        croc.linear_sum_assignment(torch.rand(2, 3, 4), backend=backend, num_rows=[1, 2])
+
+
+@needs_ext
+def test_ragged_op_passes_opcheck_and_traces():
+    cost, num_rows = ragged_batch(6, 9, [6, 2, 0], raw_pool=False, seed=3)
+    results = torch.library.opcheck(torch.ops.croc.linear_sum_assignment.default, (cost, False, num_rows))
+    assert set(results.values()) == {"SUCCESS"}, results
+    compiled = torch.compile(
+        lambda c, r: croc.linear_sum_assignment(c, num_rows=r), fullgraph=True, backend="eager"
+    )
+    assert torch.equal(compiled(cost, num_rows), croc.linear_sum_assignment(cost, num_rows=num_rows))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_kernel_solves_ragged_batches_in_one_launch(dtype):
+    cases = [ragged_batch(*case, seed=i) for i, case in enumerate(RAGGED)]
+    cases.append(ragged_batch(432 * 2, 2048, [432, 864, 100, 0], raw_pool=True, seed=7))
+    for cost, num_rows in cases:
+        cost = cost.to(dtype)
+        cols = croc.linear_sum_assignment(cost.cuda(), backend="cuda", num_rows=num_rows.cuda())
+        assert cols.device.type == "cuda"
+        assert_ragged_optimal(cost, num_rows, cols.cpu())
+    for cost, num_rows, message in RAGGED_ERRORS[:3]:
+        with pytest.raises(ValueError, match=message):
+            croc.linear_sum_assignment(cost.cuda(), backend="cuda", num_rows=num_rows.cuda())
+    with pytest.raises(ValueError, match="num_rows is on cpu"):
+        croc.linear_sum_assignment(
+            torch.rand(2, 3, 4, device="cuda"), backend="cuda", num_rows=torch.ones(2, dtype=torch.long)
+        )

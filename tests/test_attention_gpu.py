@@ -51,10 +51,18 @@ CASES = [  # every head-dim class in bf16, two in fp16 (each new (dtype, tile) c
 ]
 
 
-@pytest.mark.parametrize("kind,batch,heads_q,heads_kv,seq_len,head_dim,dtype", CASES)
-def test_flash_attention_error_rule(kind, batch, heads_q, heads_kv, seq_len, head_dim, dtype):
+SCHEDULE_CASES = [(*case, "range") for case in CASES] + [(*CASES[0], "index"), (*CASES[4], "index")]
+
+
+@pytest.mark.parametrize("kind,batch,heads_q,heads_kv,seq_len,head_dim,dtype,schedule", SCHEDULE_CASES)
+def test_flash_attention_error_rule(kind, batch, heads_q, heads_kv, seq_len, head_dim, dtype, schedule):
+    """Both tile schedules: range (the builders' monotone masks) and index lists (the same mask
+    handed over with ``monotone=False``)."""
     torch.manual_seed(seq_len + head_dim)
     mask = _mask(kind, batch, seq_len)
+    assert mask.monotone
+    if schedule == "index":
+        mask = croc.MixedMask(mask.kv_start, mask.kv_end, mask.num_keys, monotone=False)
     shape_q, shape_kv = (batch, heads_q, seq_len, head_dim), (batch, heads_kv, seq_len, head_dim)
     q, dout = (torch.randn(shape_q, device="cuda", dtype=dtype) for _ in range(2))
     k, v = (torch.randn(shape_kv, device="cuda", dtype=dtype) for _ in range(2))

@@ -1,13 +1,12 @@
-"""MixedMask: every builder against the dense rule, block metadata against brute force, errors."""
+"""MixedMask: every builder against the dense rule, the monotone flag, errors (schedules: test_schedule.py)."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mask_cases import croc_layout, dense_rule, random_layout
+from mask_cases import dense_rule, random_layout
 
 import croc
-from croc.mask import TILE_EMPTY, TILE_FULL, TILE_PARTIAL
 
 
 @st.composite
@@ -101,69 +100,6 @@ def test_to_moves_device_and_keeps_intervals():
     assert mask.device.type == "cpu" and mask.num_keys == 5
 
 
-def _brute_force_tiles(dense, block_q, block_k):
-    batch, seq_q, seq_k = dense.shape
-    nq, nk = max(1, -(-seq_q // block_q)), max(1, -(-seq_k // block_k))
-    kind = torch.zeros(batch, nq, nk, dtype=torch.int8)
-    for qb in range(nq):
-        for kb in range(nk):
-            tile = dense[:, qb * block_q : (qb + 1) * block_q, kb * block_k : (kb + 1) * block_k]
-            flat = tile.reshape(batch, -1)
-            any_visible, all_visible = flat.any(dim=1), flat.all(dim=1)
-            kind[:, qb, kb] = torch.where(
-                all_visible & any_visible,
-                TILE_FULL,
-                torch.where(any_visible, TILE_PARTIAL, TILE_EMPTY),
-            ).to(torch.int8)
-    return kind
-
-
-def _check_tiles(mask, block_q, block_k):
-    """Full tiles exactly; empty tiles never hide a visible pair; lists match the tile kinds."""
-    meta = mask.block_metadata(block_q, block_k)
-    truth = _brute_force_tiles(mask.to_dense(), block_q, block_k)
-    kind = meta.tile_kind
-    assert kind.shape == truth.shape
-    assert torch.equal(kind == TILE_FULL, truth == TILE_FULL)
-    assert not ((kind == TILE_EMPTY) & (truth != TILE_EMPTY)).any()
-    nonempty = kind != TILE_EMPTY
-    for b in range(nonempty.shape[0]):
-        for qb in range(nonempty.shape[1]):
-            count = int(meta.kv_block_count[b, qb])
-            assert meta.kv_blocks[b, qb, :count].tolist() == nonempty[b, qb].nonzero().flatten().tolist()
-        for kb in range(nonempty.shape[2]):
-            count = int(meta.q_block_count[b, kb])
-            assert meta.q_blocks[b, kb, :count].tolist() == nonempty[b, :, kb].nonzero().flatten().tolist()
-    return meta, truth
-
-
-@pytest.mark.parametrize("block_q,block_k", [(4, 4), (16, 8), (3, 5), (64, 64)])
-@pytest.mark.parametrize("seed", range(6))
-def test_block_metadata_against_brute_force(block_q, block_k, seed):
-    layout = random_layout(3, 7 + 9 * seed, seed)
-    mask = croc.MixedMask.from_spans(layout.span_ids, layout.attention_mask, layout.segment_ids)
-    meta, _ = _check_tiles(mask, block_q, block_k)
-    assert mask.block_metadata(block_q, block_k) is meta  # cached: computed once per batch
-
-
-def test_block_metadata_with_fewer_queries_than_keys():
-    start = torch.tensor([[0, 0, 10, 12]])
-    end = torch.tensor([[20, 5, 18, 12]])
-    _check_tiles(croc.MixedMask.from_intervals(start, end, 20), 2, 8)
-
-
-@pytest.mark.parametrize("block_q,block_k", [(128, 64), (128, 128), (64, 64)])
-def test_block_metadata_croc_layout_is_exact_and_sparse(block_q, block_k):
-    layout = croc_layout(2, 2048, image_tokens=576, text_tokens=100, pad=50)
-    mask = croc.MixedMask.from_spans(layout.span_ids, layout.attention_mask, layout.segment_ids)
-    meta, truth = _check_tiles(mask, block_q, block_k)
-    # packed documents with one span each: block min/max classify every tile exactly
-    assert torch.equal(meta.tile_kind, truth)
-    # three packed documents: most tiles are skipped, and most visited ones need no masking
-    assert (truth == TILE_EMPTY).float().mean() > 0.5
-    assert (truth == TILE_FULL).sum() >= 0.45 * (truth != TILE_EMPTY).sum()
-
-
 # ----------------------------------------------------------------- malformed input
 def _spans(rows):
     return torch.tensor(rows)
@@ -255,7 +191,47 @@ def test_from_intervals_rejects_float():
         croc.MixedMask.from_intervals(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.long), 3)
 
 
-@pytest.mark.parametrize("block_q,block_k", [(0, 16), (16, -1)])
-def test_block_metadata_rejects_bad_blocks(block_q, block_k):
-    with pytest.raises(ValueError, match="block sizes"):
-        croc.MixedMask.causal(1, 8).block_metadata(block_q, block_k)
+# ----------------------------------------------------------------- monotone flag
+def test_builders_are_monotone_without_a_sync():
+    layout = random_layout(3, 30, 1, max_docs=3, max_spans=3)
+    masks = [
+        croc.MixedMask.causal(2, 9),
+        croc.MixedMask.from_spans(layout.span_ids, layout.attention_mask, layout.segment_ids),
+        croc.MixedMask.from_image_mask(layout.image_mask, layout.attention_mask, layout.segment_ids),
+    ]
+    for mask in masks:
+        assert mask.monotone and mask.to("cpu").monotone
+        truth = croc.MixedMask.from_intervals(mask.kv_start, mask.kv_end, mask.num_keys)
+        assert truth.monotone  # the validation agrees with the builders' claim
+
+
+@pytest.mark.parametrize(
+    "start,end,expected",
+    [
+        ([[0, 0, 0, 2]], [[1, 3, 3, 4]], True),
+        ([[0, 5, 0, 1]], [[2, 5, 2, 3]], True),  # an empty row (5, 5) between is ignored
+        ([[0, 0, 0, 0]], [[0, 0, 0, 0]], True),
+        ([[1, 0, 2, 2]], [[2, 2, 3, 4]], False),  # start decreases
+        ([[0, 0, 0, 0]], [[3, 2, 3, 4]], False),  # end decreases
+        ([[0, 0], [2, 1]], [[1, 2], [3, 3]], False),  # only the second row is not
+    ],
+)
+def test_from_intervals_detects_monotone(start, end, expected):
+    start, end = torch.tensor(start), torch.tensor(end)
+    assert croc.MixedMask.from_intervals(start, end, 5).monotone is expected
+    assert croc.MixedMask.from_intervals(start, end, 5, validate=False).monotone is False
+    assert croc.MixedMask.from_intervals(start, end, 5, validate=False, monotone=True).monotone is True
+    if expected:
+        assert croc.MixedMask.from_intervals(start, end, 5, monotone=True).monotone
+    else:
+        with pytest.raises(ValueError, match="monotone=True"):
+            croc.MixedMask.from_intervals(start, end, 5, monotone=True)
+    assert croc.MixedMask.from_intervals(start, end, 5, monotone=False).monotone is False
+
+
+def test_monotone_is_read_only_and_type_checked():
+    mask = croc.MixedMask.causal(1, 4)
+    with pytest.raises(AttributeError):
+        mask.monotone = False
+    with pytest.raises(TypeError, match="monotone"):
+        croc.MixedMask.from_intervals(mask.kv_start, mask.kv_end, 4, monotone=1)

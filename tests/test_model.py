@@ -362,7 +362,12 @@ def test_from_pretrained_llava_checkpoint_and_save_load_round_trip(tmp_path):
     ("overrides", "match"),
     [
         ({"stage": "pretrain"}, "stage"),
-        ({"mask_kind": "causal"}, "mask_kind"),
+        ({"mask_kind": "sliding"}, "mask_kind"),
+        ({"assignment_scope": "batch"}, "assignment_scope"),
+        ({"recon_head": "mlp"}, "recon_head"),
+        ({"recon_tokens": "kept"}, "recon_tokens"),
+        ({"max_image_tokens": 0}, "max_image_tokens"),
+        ({"pool_lr": -1.0}, "pool_lr"),
         ({"assignment": "auction"}, "assignment"),
         ({"replace_ratio": 1.5}, "replace_ratio"),
         ({"attention_backend": "cuda"}, "attention_backend"),
@@ -379,3 +384,98 @@ def test_image_token_count_mismatch_is_a_clear_error():
     ids[0, 2] = 50
     with pytest.raises(ValueError, match="image tokens"):
         model(ids, attention_mask, pixel_values, labels)
+
+
+# ----------------------------------------------------------------------------- ragged images
+def _ragged_batch(sizes_per_row=((16, 8), (12,)), length=40, seed=0):
+    """Rows holding images of the given sizes (16 -> 16 tokens, 12 -> 9, 8 -> 4), each image's run
+    of tokens followed by two text tokens; captions supervised from position 30 on."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 256, (len(sizes_per_row), length), generator=gen)
+    images = []
+    for row, sizes in enumerate(sizes_per_row):
+        start = 1
+        for size in sizes:
+            tokens = (size // 4) ** 2
+            ids[row, start : start + tokens] = TINY_IMAGE_TOKEN_ID
+            start += tokens + 2
+            images.append(torch.randn(3, size, size, generator=gen))
+    labels = ids.clone()
+    labels[:, :30] = -100
+    return ids, torch.ones_like(ids), images, labels
+
+
+def _ragged_mask(counts, width, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(counts), width, dtype=torch.bool)
+    for i, count in enumerate(counts):
+        mask[i, torch.randperm(count, generator=gen)[: round(0.75 * count)]] = True
+    return mask
+
+
+def test_images_of_different_sizes_and_several_per_sample_in_one_batch():
+    model = _model(stage="croc")
+    ids, attention_mask, images, labels = _ragged_batch()
+    out = model(ids, attention_mask, images, labels)
+    assert torch.isfinite(out.loss)
+    assert out.pool_cols.shape == (3, 16)
+    assert (out.pool_cols >= 0).sum(1).tolist() == [12, 3, 7]  # round(0.75 * [16, 4, 9])
+    assert bool((out.pool_cols[1, 4:] == -1).all() and (out.pool_cols[2, 9:] == -1).all())
+    out.loss.backward()
+    assert float(model.prompt_pool.tokens.grad.abs().sum()) > 0
+
+
+def test_a_ragged_batch_gives_each_sample_what_it_gets_alone():
+    model = _model(stage="croc")
+    ids, attention_mask, images, labels = _ragged_batch()
+    mask = _ragged_mask([16, 4, 9], 16)
+    batch = model(ids, attention_mask, images, labels, replace_mask=mask)
+    alone = model(ids[1:], attention_mask[1:], images[2:], labels[1:], replace_mask=mask[2:, :9])
+    torch.testing.assert_close(batch.logits[1], alone.logits[0], atol=1e-5, rtol=1e-4)
+    assert torch.equal(batch.pool_cols[2, :9], alone.pool_cols[0])
+
+
+def test_per_sample_assignment_is_one_problem_over_all_images_of_a_sample():
+    ids, attention_mask, images, labels = _ragged_batch()
+    mask = _ragged_mask([16, 4, 9], 16)
+    model = _model(stage="croc", assignment_scope="sample", prompt_pool_size=18)
+    cols = model(ids, attention_mask, images, labels, replace_mask=mask).pool_cols
+    row0 = torch.cat([cols[0][mask[0]], cols[1][mask[1]]])
+    assert len(set(row0.tolist())) == 15  # one-to-one across the sample's two images
+    visual, _ = model.encode_images(images)
+    selected = torch.cat([visual[0][mask[0]], visual[1][mask[1]]])
+    cost = model.prompt_pool.cost(selected[None])[0].double().numpy()
+    rows, ref = linear_sum_assignment(cost)
+    assert cost[rows, row0.numpy()].sum() == pytest.approx(cost[rows, ref].sum(), rel=1e-6)
+
+
+def test_per_sample_solve_larger_than_the_pool_names_the_sample_unless_nearest():
+    ids, attention_mask, images, labels = _ragged_batch()
+    mask = _ragged_mask([16, 4, 9], 16)
+    with pytest.raises(ValueError, match=r"sample at row 0 replaces 15 visual tokens over its 2 image"):
+        _model(stage="croc", assignment_scope="sample", prompt_pool_size=14)(
+            ids, attention_mask, images, labels, replace_mask=mask
+        )
+    for fields in ({"assignment_scope": "image"}, {"assignment_scope": "sample", "assignment": "nearest"}):
+        out = _model(stage="croc", prompt_pool_size=14, **fields)(
+            ids, attention_mask, images, labels, replace_mask=mask
+        )
+        assert torch.isfinite(out.loss)
+
+
+def test_image_token_runs_must_match_each_image():
+    model = _model(stage="croc")
+    ids, attention_mask, images, labels = _ragged_batch()
+    images[1], images[2] = images[2], images[1]  # 9 and 4 tokens where the ids hold 4 and 9
+    with pytest.raises(
+        ValueError, match=r"image 1: input_ids hold 4 image tokens but the vision tower gives 9"
+    ):
+        model(ids, attention_mask, images, labels)
+
+
+def test_reconstruction_head_positions_cover_max_image_tokens():
+    ids, attention_mask, images, labels = _ragged_batch(sizes_per_row=((20,), (8,)))  # 25 and 4 tokens
+    with pytest.raises(ValueError, match="max_image_tokens"):
+        _model(stage="croc")(ids, attention_mask, images, labels)
+    out = _model(stage="croc", max_image_tokens=25)(ids, attention_mask, images, labels)
+    assert torch.isfinite(out.loss) and out.pool_cols.shape == (2, 25)

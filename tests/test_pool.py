@@ -135,10 +135,10 @@ def test_empty_selection_and_dtype_kept():
     ("tokens", "mask", "error", "match"),
     [
         (
-            torch.randn(2, 4, 8),
-            torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool),
+            torch.randn(3, 12, 8),
+            torch.tensor([[1] * 3 + [0] * 9, [1] * 9 + [0] * 3, [0] * 12], dtype=torch.bool),
             ValueError,
-            "same number",
+            r"at most num_tokens=8 replaced tokens per row, but row 1 of replace_mask selects 9",
         ),
         (torch.randn(2, 4, 7), torch.zeros(2, 4, dtype=torch.bool), ValueError, "tokens must have shape"),
         (torch.randn(2, 4, 8), torch.zeros(2, 4), TypeError, "replace_mask must be a bool"),
@@ -163,3 +163,53 @@ def test_pool_rejects_bad_inputs(tokens, mask, error, match):
 def test_pool_rejects_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         croc.PromptTokenPool(8, 8, **kwargs)
+
+
+def test_ragged_rows_are_solved_in_one_call_like_each_row_alone(monkeypatch):
+    """Rows selecting 0..N tokens: one batched solve (num_rows), each row as if it were alone."""
+    torch.manual_seed(6)
+    pool = croc.PromptTokenPool(16, 8)
+    tokens = torch.randn(4, 12, 8)
+    mask = torch.zeros(4, 12, dtype=torch.bool)
+    for row, count in enumerate((7, 0, 12, 3)):
+        mask[row, torch.randperm(12)[:count]] = True
+    calls = []
+    solve = croc.pool.linear_sum_assignment
+    monkeypatch.setattr(croc.pool, "linear_sum_assignment", lambda *a, **k: calls.append(k) or solve(*a, **k))
+    new_tokens, cols = pool(tokens, mask)
+    assert len(calls) == 1 and calls[0]["num_rows"].tolist() == [7, 0, 12, 3]
+    assert torch.equal(cols >= 0, mask)
+    for row in range(4):
+        one, one_cols = pool(tokens[row : row + 1], mask[row : row + 1])
+        assert torch.equal(one_cols[0], cols[row]) and torch.equal(one[0], new_tokens[row])
+        assert len(set(cols[row][mask[row]].tolist())) == int(mask[row].sum())  # one-to-one
+    torch.testing.assert_close(new_tokens[mask], pool.tokens[cols[mask]].detach())
+    assert torch.equal(new_tokens[~mask], tokens[~mask])
+
+
+def test_ragged_gradients_skip_the_padding_slots():
+    torch.manual_seed(7)
+    pool = croc.PromptTokenPool(10, 8)
+    tokens = torch.randn(2, 9, 8, requires_grad=True)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, :6] = True
+    mask[1, 4:6] = True
+    new_tokens, cols = pool(tokens, mask)
+    upstream = torch.randn_like(new_tokens)
+    (new_tokens * upstream).sum().backward()
+    expected = torch.zeros_like(pool.tokens).index_add_(0, cols[mask], upstream[mask])
+    torch.testing.assert_close(pool.tokens.grad, expected)
+    torch.testing.assert_close(tokens.grad[~mask], upstream[~mask])
+    assert bool((tokens.grad[mask] == 0).all())
+
+
+def test_nearest_pool_accepts_rows_larger_than_the_pool():
+    torch.manual_seed(8)
+    pool = croc.PromptTokenPool(4, 8, assignment="nearest")
+    tokens = torch.randn(2, 10, 8)
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0] = True
+    mask[1, :2] = True
+    _, cols = pool(tokens, mask)
+    assert torch.equal(cols[mask], pool.cost(tokens[mask][None])[0].argmin(-1))
+    assert bool((cols[~mask] == -1).all())

@@ -245,3 +245,43 @@ def test_compose_checkpoint_from_a_language_model_and_a_clip_tower(setup, tmp_pa
         torch.testing.assert_close(
             model.model.vision_tower.state_dict()[key], value.to(torch.bfloat16).float()
         )
+
+
+def test_recipe_flag_sets_config_fields_and_training_defaults(setup, tmp_path):
+    """``croc train --recipe croc-release``: its fields land in the saved config, its training
+    defaults apply where the command line is silent, and a flag given on the line wins."""
+    from croc.cli import main
+    from croc.recipes import RECIPES
+
+    _, data, tokenizer, image_processor = setup
+    init, out = tmp_path / "init", tmp_path / "out"
+    _model(tokenizer).save_pretrained(init)
+    tokenizer.save_pretrained(init)
+    image_processor.save_pretrained(init)
+    main(["train", "--recipe", "croc-release", "--stage", "croc", "--model_name_or_path", str(init),
+          "--data_path", str(data["caption"]), "--image_folder", str(data["caption"].parent / "images"),
+          "--max_length", str(MAX_LENGTH), "--output_dir", str(out), "--use_cpu", "--max_steps", "1",
+          "--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--save_strategy", "no",
+          "--report_to", "none", "--disable_tqdm", "true"])  # fmt: skip
+    saved = json.loads((out / "config.json").read_text())
+    assert {field: saved[field] for field in RECIPES["croc-release"].config} == dict(
+        RECIPES["croc-release"].config
+    )
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert args.learning_rate == 3e-3  # given on the command line
+    assert (args.lr_scheduler_type, args.warmup_steps, args.weight_decay) == ("cosine", 0.03, 0.0)
+
+
+def test_victor_trains_the_vision_tower_with_its_own_learning_rate(setup, tmp_path):
+    from croc.recipes import recipe_config
+
+    _, _, tokenizer, _ = setup
+    model = _model(tokenizer)
+    for field, value in recipe_config("victor").items():
+        setattr(model.config, field, value)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    collator = LlavaCollator(tokenizer.pad_token_id, packing=True, max_length=MAX_LENGTH)
+    trainer = train_stage(model, "croc", _dataset(setup, model, "caption"), collator, _args(tmp_path, 1))
+    assert _changed_groups(before, model.state_dict()) == TRAINED["croc"] | {"vision"}
+    initial = {group["name"]: group["initial_lr"] for group in trainer.optimizer.param_groups}
+    assert initial["vision_tower"] == 2e-6 and initial["pool"] == 1e-3 and initial["llm"] == 1e-2

@@ -3,7 +3,9 @@
 Without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 before croc is imported, so the kernels run
 in the Triton interpreter with 16 x 16 tiles: short sequences already span several tiles, and the
 random layouts put span, document and padding edges inside and across tiles. fp32 and fp16 only
-(bf16 arithmetic is wrong in the interpreter).
+(bf16 arithmetic is wrong in the interpreter). Every mask runs through both schedules: the range
+schedule (monotone masks, what the builders make) and the index-list schedule (the fallback for any
+other mask), the latter by handing the kernels a copy of the mask with ``monotone=False``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import croc
 pytest.importorskip("triton")
 triton_attention = pytest.importorskip("croc.ops.triton_attention")
 kernels = pytest.importorskip("croc.kernels")
+schedule_mod = pytest.importorskip("croc.ops.schedule")
+
+pytestmark = pytest.mark.matrix_kernels
+SCHEDULES = ("range", "index")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 runs TF32 dots on a GPU (exact fp32 in the interpreter); relative to max(1, max |reference|)
@@ -49,6 +55,36 @@ def _prefill_mask(batch: int, seq_q: int, seq_k: int) -> croc.MixedMask:
     return croc.MixedMask.from_intervals(start.to(DEVICE), end.to(DEVICE), seq_k)
 
 
+def _sliding_window_mask(batch: int, seq_len: int, window: int, seed: int) -> croc.MixedMask:
+    """Causal sliding window with random empty rows anywhere (holes, left and right): monotone."""
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.arange(seq_len).expand(batch, seq_len)
+    start, end = (pos - window + 1).clamp_min(0), pos + 1
+    empty = torch.rand(batch, seq_len, generator=gen) < 0.2
+    empty[:, :2] = True
+    start, end = torch.where(empty, 0, start), torch.where(empty, 0, end)
+    mask = croc.MixedMask.from_intervals(start.to(DEVICE), end.to(DEVICE), seq_len)
+    assert mask.monotone
+    return mask
+
+
+def _random_intervals_mask(batch: int, seq_q: int, seq_k: int, seed: int) -> croc.MixedMask:
+    """Arbitrary intervals (not monotone): the index-list schedule's case."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = (torch.randint(0, seq_k + 1, (batch, seq_q), generator=gen) for _ in range(2))
+    mask = croc.MixedMask.from_intervals(a.minimum(b).to(DEVICE), a.maximum(b).to(DEVICE), seq_k)
+    assert not mask.monotone
+    return mask
+
+
+def _with_schedule(mask: croc.MixedMask, schedule: str) -> croc.MixedMask:
+    """The same intervals; ``"index"`` drops the monotone flag, so the kernels get index lists."""
+    if schedule == "range":
+        assert mask.monotone
+        return mask
+    return croc.MixedMask(mask.kv_start, mask.kv_end, mask.num_keys, monotone=False)
+
+
 def _inputs(batch, heads_q, heads_kv, seq_q, seq_k, head_dim, dtype, seed, strided=False):
     gen = torch.Generator().manual_seed(seed)
 
@@ -67,9 +103,9 @@ def _grads(q, k, v, dout, mask, backend):
     return (out, *torch.autograd.grad(out, leaves, dout))
 
 
-def _assert_matches_fp64(q, k, v, dout, mask, tol):
+def _assert_matches_fp64(q, k, v, dout, mask, tol, schedule="range"):
     """Forward and dq/dk/dv of the Triton backend vs fp64 math on the same (rounded) inputs."""
-    got = _grads(q, k, v, dout, mask, "triton")
+    got = _grads(q, k, v, dout, _with_schedule(mask, schedule), "triton")
     want = _grads(*(t.double() for t in (q, k, v, dout)), mask, "reference")
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert a.dtype == q.dtype and a.shape == b.shape, name
@@ -87,28 +123,51 @@ BUILDER_CASES = [
 ] + [(builder, 37, torch.float16) for builder in ("spans", "image", "causal", "croc")]
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("builder,seq_len,dtype", BUILDER_CASES)
-def test_every_builder_matches_fp64(builder, seq_len, dtype):
+def test_every_builder_matches_fp64(builder, seq_len, dtype, schedule):
     mask = _layout_mask(builder, batch=2, seq_len=seq_len, seed=seq_len)
     q, k, v, dout = _inputs(2, 2, 1, seq_len, seq_len, 64, dtype, seed=seq_len + 7)
-    _assert_matches_fp64(q, k, v, dout, mask, TOLERANCE[dtype])
+    _assert_matches_fp64(q, k, v, dout, mask, TOLERANCE[dtype], schedule)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("seed", range(2))
-def test_random_layouts_with_many_documents_and_spans(seed):
+def test_random_layouts_with_many_documents_and_spans(seed, schedule):
     layout = random_layout(3, 45, seed + 100, max_docs=4, max_spans=4)
     mask = croc.MixedMask.from_spans(
         *(t.to(DEVICE) for t in (layout.span_ids, layout.attention_mask, layout.segment_ids))
     )
     q, k, v, dout = _inputs(3, 2, 2, 45, 45, 64, torch.float32, seed=seed)
-    _assert_matches_fp64(q, k, v, dout, mask, TOLERANCE[torch.float32])
+    _assert_matches_fp64(q, k, v, dout, mask, TOLERANCE[torch.float32], schedule)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("seq_q,seq_k", [(21, 50), (16, 32), (2, 9)])
-def test_prefill_with_fewer_queries_than_keys(seq_q, seq_k):
+def test_prefill_with_fewer_queries_than_keys(seq_q, seq_k, schedule):
     mask = _prefill_mask(2, seq_q, seq_k)
+    assert mask.monotone  # detected by the validation
     q, k, v, dout = _inputs(2, 2, 2, seq_q, seq_k, 64, torch.float32, seed=seq_k)
-    _assert_matches_fp64(q, k, v, dout, mask, TOLERANCE[torch.float32])
+    _assert_matches_fp64(q, k, v, dout, mask, TOLERANCE[torch.float32], schedule)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("seq_len,window", [(53, 7), (40, 20)])
+def test_sliding_window_with_empty_rows_anywhere(seq_len, window, schedule):
+    mask = _sliding_window_mask(2, seq_len, window, seed=seq_len)
+    q, k, v, dout = _inputs(2, 2, 1, seq_len, seq_len, 64, torch.float32, seed=window)
+    _assert_matches_fp64(q, k, v, dout, mask, TOLERANCE[torch.float32], schedule)
+
+
+@pytest.mark.parametrize("seq_q,seq_k", [(37, 37), (19, 45)])
+def test_arbitrary_intervals_take_the_index_schedule(seq_q, seq_k):
+    mask = _random_intervals_mask(2, seq_q, seq_k, seed=seq_q)
+    config = kernels.attention_config(64, torch.float32, mask.device)
+    assert all(s.shape[2] > 4 for s in schedule_mod.pass_schedules(mask, config))
+    q, k, v, dout = _inputs(2, 2, 2, seq_q, seq_k, 64, torch.float32, seed=seq_k)
+    _assert_matches_fp64(q, k, v, dout, mask, TOLERANCE[torch.float32], "index")
+    with pytest.raises(ValueError, match="monotone"):
+        triton_attention.triton_mixed_attention(q, k, v, mask, 0.125, schedule="range")
 
 
 @pytest.mark.matrix_kernels
@@ -119,11 +178,12 @@ def test_head_dims_and_gqa(head_dim, heads_q, heads_kv):
     _assert_matches_fp64(q, k, v, dout, mask, TOLERANCE[torch.float32])
 
 
-def test_all_rows_empty_gives_zeros_and_zero_grads():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_all_rows_empty_gives_zeros_and_zero_grads(schedule):
     mask = croc.MixedMask.from_intervals(
         torch.zeros(2, 20, dtype=torch.int32), torch.zeros(2, 20, dtype=torch.int32), 20
     )
-    mask = mask.to(DEVICE)
+    mask = _with_schedule(mask.to(DEVICE), schedule)
     q, k, v, dout = _inputs(2, 2, 2, 20, 20, 64, torch.float16, seed=0)
     for t in _grads(q, k, v, dout, mask, "triton"):
         assert torch.equal(t, torch.zeros_like(t))
@@ -160,7 +220,7 @@ def test_torch_compile_fullgraph(warm_cache):
     expected = layer(*eager, mask)
     expected_grads = torch.autograd.grad(expected, eager, dout)
     if not warm_cache:
-        mask = croc.MixedMask(mask.kv_start, mask.kv_end, mask.num_keys)
+        mask = croc.MixedMask(mask.kv_start, mask.kv_end, mask.num_keys, monotone=True)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -187,27 +247,16 @@ def test_torch_compile_takes_a_new_mask_each_step_without_recompiling():
             )
 
 
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_custom_ops_pass_opcheck(schedule):
     """Schema, fake functions, autograd registration and AOT dispatch of both custom ops."""
-    mask = _layout_mask("spans", batch=1, seq_len=20, seed=4)
+    mask = _with_schedule(_layout_mask("spans", batch=1, seq_len=20, seed=4), schedule)
     q, k, v, dout = _inputs(1, 2, 1, 20, 20, 64, torch.float32, seed=4)
     config = kernels.attention_config(64, q.dtype, q.device)
-    fwd, dq, dkdv = (
-        mask.block_metadata(c.block_m, c.block_n) for c in (config.forward, config.dq, config.dkdv)
-    )
-    rows = lambda m: (m.kv_blocks_partial_first, m.kv_partial_count, m.kv_block_count)  # noqa: E731
-    columns = (dkdv.q_blocks_partial_first, dkdv.q_partial_count, dkdv.q_block_count)
+    fwd, dq, dkdv = schedule_mod.pass_schedules(mask, config)
+    assert (fwd.shape[2] == 4) == (schedule == "range")
     intervals = (mask.kv_start, mask.kv_end)
-    fwd_args = (
-        q.requires_grad_(),
-        k.requires_grad_(),
-        v.requires_grad_(),
-        *intervals,
-        *rows(fwd),
-        *rows(dq),
-        *columns,
-        0.125,
-    )
+    fwd_args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), *intervals, fwd, dq, dkdv, 0.125)
     torch.library.opcheck(torch.ops.croc.mixed_attention_fwd.default, fwd_args)
     out, lse2 = torch.ops.croc.mixed_attention_fwd(*fwd_args)
     bwd_args = (
@@ -218,43 +267,18 @@ def test_custom_ops_pass_opcheck():
         out.detach(),
         lse2.detach(),
         *intervals,
-        *rows(dq),
-        *columns,
+        dq,
+        dkdv,
         0.125,
     )
     torch.library.opcheck(torch.ops.croc.mixed_attention_bwd.default, bwd_args)
 
 
-def test_schedule_lists_partial_and_overhanging_tiles_first():
-    mask = _layout_mask("spans", batch=3, seq_len=70, seed=9)
-    meta = mask.block_metadata(16, 16)
-    for blocks, partial, total, ascending, kind in (
-        (
-            meta.kv_blocks_partial_first,
-            meta.kv_partial_count,
-            meta.kv_block_count,
-            meta.kv_blocks,
-            meta.tile_kind,
-        ),
-        (
-            meta.q_blocks_partial_first,
-            meta.q_partial_count,
-            meta.q_block_count,
-            meta.q_blocks,
-            meta.tile_kind.transpose(1, 2),
-        ),
-    ):
-        for b, row in ((b, r) for b in range(blocks.shape[0]) for r in range(blocks.shape[1])):
-            n_partial, n_total = int(partial[b, row]), int(total[b, row])
-            listed = blocks[b, row, :n_total]
-            assert sorted(listed.tolist()) == ascending[b, row, :n_total].tolist()
-            kinds = kind[b, row, listed.long()]
-            assert (kinds[n_partial:] == 2).all() and (kinds != 0).all()
-            last_row, last_other = blocks.shape[1] - 1, blocks.shape[2] - 1  # 70 = 4 * 16 + 6: both overhang
-            assert row == last_row or last_other not in listed[n_partial:].tolist(), (
-                "overhanging tile unmasked"
-            )
-            assert row != last_row or n_partial == n_total
+def test_non_positive_scale_is_a_value_error():
+    mask = croc.MixedMask.causal(1, 8, device=DEVICE)
+    q = torch.randn(1, 1, 8, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="scale"):
+        croc.mixed_attention(q, q, q, mask, scale=-0.1, backend="triton")
 
 
 def test_unsupported_head_dim_is_a_value_error():

@@ -12,53 +12,75 @@ import torch.nn.functional as F
 from torch import nn
 
 from croc.constants import IGNORE_INDEX
+from croc.model.config import RECON_HEADS
+
+__all__ = ["IGNORE_INDEX", "ReconstructionHead", "causal_lm_loss", "reconstruction_loss"]
 
 __all__ = ["IGNORE_INDEX", "ReconstructionHead", "causal_lm_loss", "reconstruction_loss"]
 
 
 class ReconstructionHead(nn.Module):
-    """One transformer encoder layer with learned positions, then a linear map.
+    """The reconstruction head: ``"transformer"`` (one transformer encoder layer with learned
+    positions, then a linear map; the paper) or ``"linear"`` (one linear map; released ViCToR).
 
     Args:
         hidden_size: width H of the LLM hidden states it reads.
         out_dim: width of the predicted visual tokens.
-        num_positions: most tokens per image (learned position embeddings).
+        num_positions: most tokens per image (learned position embeddings of the transformer head).
         num_heads: attention heads; default ``max(1, hidden_size // 64)`` (must divide hidden_size).
+        kind: ``"transformer"`` or ``"linear"``.
 
-    Shapes: forward(hidden float [I, T, H], T <= num_positions) -> float [I, T, out_dim].
+    Shapes: forward(hidden float [I, T, H], T <= num_positions, valid optional bool [I, T]: False at
+    padding, which the encoder layer does not attend to) -> float [I, T, out_dim].
     Dropout is 0 (deterministic training steps).
     """
 
     def __init__(
-        self, hidden_size: int, out_dim: int, num_positions: int, num_heads: int | None = None
+        self,
+        hidden_size: int,
+        out_dim: int,
+        num_positions: int,
+        num_heads: int | None = None,
+        kind: str = "transformer",
     ) -> None:
         super().__init__()
-        heads = num_heads or max(1, hidden_size // 64)
-        if hidden_size % heads:
-            raise ValueError(f"num_heads ({heads}) must divide hidden_size ({hidden_size})")
-        self.positions = nn.Embedding(num_positions, hidden_size)
-        self.encoder = nn.TransformerEncoderLayer(
-            hidden_size,
-            heads,
-            dim_feedforward=4 * hidden_size,
-            dropout=0.0,
-            activation="gelu",
-            batch_first=True,
-        )
+        if kind not in RECON_HEADS:
+            raise ValueError(f"kind must be one of {RECON_HEADS}, got {kind!r}")
+        self.kind = kind
+        self.num_positions = int(num_positions)
+        if kind == "transformer":
+            heads = num_heads or max(1, hidden_size // 64)
+            if hidden_size % heads:
+                raise ValueError(f"num_heads ({heads}) must divide hidden_size ({hidden_size})")
+            self.positions = nn.Embedding(num_positions, hidden_size)
+            self.encoder = nn.TransformerEncoderLayer(
+                hidden_size,
+                heads,
+                dim_feedforward=4 * hidden_size,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+            )
         self.output = nn.Linear(hidden_size, out_dim)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.dim() != 3 or hidden.shape[1] > self.positions.num_embeddings:
+    def forward(self, hidden: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        if hidden.dim() != 3 or hidden.shape[1] > self.num_positions:
             raise ValueError(
-                f"hidden must have shape [images, <= {self.positions.num_embeddings}, width], "
+                f"hidden must have shape [images, <= {self.num_positions}, width] (max_image_tokens), "
                 f"got {tuple(hidden.shape)}"
             )
+        if self.kind == "linear":
+            return self.output(hidden)
         x = hidden + self.positions.weight[: hidden.shape[1]].to(hidden.dtype)
-        return self.output(self.encoder(x))
+        padding = None if valid is None else ~valid
+        return self.output(self.encoder(x, src_key_padding_mask=padding))
 
 
 def reconstruction_loss(
-    prediction: torch.Tensor, visual_tokens: torch.Tensor, beta: float = 0.01
+    prediction: torch.Tensor,
+    visual_tokens: torch.Tensor,
+    beta: float = 0.01,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SmoothL1(beta) between the prediction and the L2-normalised original visual tokens.
 
@@ -67,12 +89,17 @@ def reconstruction_loss(
         visual_tokens: float [I, T, D] original (unreplaced) visual tokens; normalised here and
             detached (they are the target).
         beta: SmoothL1 beta.
+        mask: optional bool [I, T]: only these tokens count (padding of ragged images, or
+            ``recon_tokens="replaced"``).
 
     Returns:
-        float32 scalar, the mean over all elements.
+        float32 scalar, the mean over all elements of the counted tokens (0 when none counts).
     """
     target = F.normalize(visual_tokens.detach().float(), dim=-1)
-    return F.smooth_l1_loss(prediction.float(), target, beta=beta)
+    if mask is None:
+        return F.smooth_l1_loss(prediction.float(), target, beta=beta)
+    per_token = F.smooth_l1_loss(prediction.float(), target, beta=beta, reduction="none").mean(-1)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1)
 
 
 def causal_lm_loss(

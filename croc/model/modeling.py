@@ -13,9 +13,13 @@ The text model always runs the ``"croc_mixed"`` attention (equal to ``"sdpa"`` w
   detached). ``loss = lm_loss + recon_loss_weight * recon_loss``. Without ``labels`` (generation)
   nothing is replaced: the prefill uses the mixed mask, decoding steps are causal over the cache.
 
-Inputs follow LLaVA: ``input_ids`` hold ``config.image_token_id`` once per visual token
-(``image_seq_length`` per image), ``pixel_values`` [I, 3, H, W] hold the I images in the order
-their tokens appear (row-major over the batch).
+Inputs follow LLaVA: ``input_ids`` hold ``config.image_token_id`` once per visual token, one run
+per image, ``pixel_values`` [I, 3, H, W] (or a list of I images of different sizes) hold the I
+images in the order their tokens appear (row-major over the batch); a row may hold several
+images. Images may have different numbers of visual tokens (:mod:`croc.model.ragged`), up to
+``config.max_image_tokens``. The recipe fields of the config (:mod:`croc.recipes`) choose the
+mask (``mask_kind``), the pool assignment and its scope (per image or per sample), whether visual
+tokens are L2-normalised before the LLM, the reconstruction head and the tokens it covers.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from transformers import LlavaForConditionalGeneration
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
@@ -35,6 +40,7 @@ import croc.integrations.transformers as croc_transformers
 from croc.mask import MixedMask
 from croc.model.config import STAGES, CrocLlavaConfig
 from croc.model.losses import IGNORE_INDEX, ReconstructionHead, causal_lm_loss, reconstruction_loss
+from croc.model.ragged import ImageLayout, image_layout, image_runs, random_selection, sample_groups
 from croc.pool import PromptTokenPool, random_replace_mask
 
 __all__ = ["CrocLlavaForConditionalGeneration", "CrocLlavaOutput", "prefix_span_ids"]
@@ -62,14 +68,16 @@ class CrocLlavaOutput(CausalLMOutputWithPast):
 
 class _Embedded(NamedTuple):
     """Inputs of the text model: embeds [B, L, H]; with images also image_mask bool [B, L],
-    image_index int64 [I*T] (flat image positions), visual [I, T, H] (original projector
-    outputs) and pool_cols int64 [I, T] (or None when nothing was replaced)."""
+    image_index int64 [sum of tokens] (flat image positions), visual [I, W, H] (original
+    projector outputs, padded), pool_cols int64 [I, W] (or None when nothing was replaced) and
+    the layout of the I images' tokens in their W slots."""
 
     embeds: torch.Tensor
     image_mask: torch.Tensor | None = None
     image_index: torch.Tensor | None = None
     visual: torch.Tensor | None = None
     pool_cols: torch.Tensor | None = None
+    layout: ImageLayout | None = None
 
 
 def _segment_cumsum(values: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
@@ -126,7 +134,9 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.prompt_pool = PromptTokenPool(
             config.prompt_pool_size, hidden, init=config.pool_init, assignment=config.assignment
         )
-        self.reconstruction_head = ReconstructionHead(hidden, hidden, config.image_seq_length)
+        self.reconstruction_head = ReconstructionHead(
+            hidden, hidden, config.image_token_capacity, kind=config.recon_head
+        )
         self.post_init()
         self.set_attn_implementation({"text_config": croc_transformers.ATTN_IMPLEMENTATION})
         self.set_stage(config.stage)
@@ -173,7 +183,8 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         """Switch the training stage and set which parameters train (``requires_grad``).
 
         ``"projector"``: the projector only. ``"croc"``: projector, LLM (with ``lm_head``), prompt
-        pool and reconstruction head. ``"finetune"``: projector and LLM. The vision tower never trains.
+        pool and reconstruction head. ``"finetune"``: projector and LLM. The vision tower trains in
+        "croc" and "finetune" only with ``config.train_vision_tower``.
         """
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -189,6 +200,8 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             ),
             "finetune": (self.model.multi_modal_projector, self.model.language_model, self.lm_head),
         }[stage]
+        if self.config.train_vision_tower and stage != "projector":
+            training = (*training, self.model.vision_tower)
         self.requires_grad_(False)
         for module in training:
             module.requires_grad_(True)
@@ -199,24 +212,71 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     # ------------------------------------------------------------------ pieces
     def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projector outputs [I, T, text hidden] of images ``pixel_values`` [I, 3, H, W]."""
+        """Projector outputs [I, T, text hidden] of images ``pixel_values`` [I, 3, H, W] (any size
+        the tower's patches divide: positions are interpolated at other sizes), L2-normalised
+        with ``config.normalize_visual``."""
         vision = self.model.vision_tower
-        out = vision(pixel_values.to(vision.dtype), output_hidden_states=True)
+        size = self.config.vision_config.image_size
+        other_size = tuple(pixel_values.shape[-2:]) != (size, size)
+        extra = {"interpolate_pos_encoding": True} if other_size else {}
+        out = vision(pixel_values.to(vision.dtype), output_hidden_states=True, **extra)
         layer = self.config.vision_feature_layer
         layers = [layer] if isinstance(layer, int) else list(layer)
         features = [out.hidden_states[i] for i in layers]
         if self.config.vision_feature_select_strategy == "default":
             features = [f[:, 1:] for f in features]
-        return self.model.multi_modal_projector(torch.cat(features, dim=-1))
+        projected = self.model.multi_modal_projector(torch.cat(features, dim=-1))
+        return F.normalize(projected, dim=-1) if self.config.normalize_visual else projected
 
-    def _image_positions(self, image_mask: torch.Tensor, count: int) -> torch.Tensor:
-        """int64 [count]: flat indices of the image tokens of ``image_mask`` [B, L], in order."""
+    def encode_images(
+        self, pixel_values: torch.Tensor | list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Visual tokens of I images, padded: ([I, W, text hidden], tokens per image).
+
+        ``pixel_values`` is float [I, 3, H, W] (every image gives the same number of tokens) or a
+        list of I float [3, H_i, W_i] images of any sizes (dynamic resolution; images of one size
+        are encoded together).
+        """
+        if isinstance(pixel_values, torch.Tensor):
+            visual = self.visual_tokens(pixel_values)
+            return visual, [visual.shape[1]] * visual.shape[0]
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(pixel_values):
+            by_size.setdefault(tuple(image.shape), []).append(i)
+        encoded: dict[int, torch.Tensor] = {}
+        for images in by_size.values():
+            tokens = self.visual_tokens(torch.stack([pixel_values[i] for i in images]))
+            encoded.update(zip(images, tokens, strict=True))
+        counts = [encoded[i].shape[0] for i in range(len(pixel_values))]
+        first = encoded[0]
+        visual = first.new_zeros(len(counts), max(counts), first.shape[-1])
+        for i, tokens in encoded.items():
+            visual[i, : tokens.shape[0]] = tokens
+        return visual, counts
+
+    def _image_positions(self, image_mask: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """int64 [sum(counts)]: flat indices of the image tokens of ``image_mask`` [B, L], in order.
+        With ``validate_masks`` the runs of image tokens must match the images' token counts."""
         flat = image_mask.reshape(-1)
-        if self.config.validate_masks and int(flat.sum()) != count:
-            raise ValueError(
-                f"input_ids hold {int(flat.sum())} image tokens but pixel_values give {count} visual tokens"
-            )
-        return (~flat).to(torch.int8).argsort(stable=True)[:count]
+        total = sum(counts)
+        if self.config.validate_masks:
+            if int(flat.sum()) != total:
+                raise ValueError(
+                    f"input_ids hold {int(flat.sum())} image tokens but pixel_values give {total} visual tokens"
+                )
+            runs = image_runs(image_mask)
+            if runs.numel() != len(counts):
+                raise ValueError(
+                    f"input_ids hold {runs.numel()} runs of image tokens but pixel_values give {len(counts)} "
+                    "images (one run per image; separate adjacent images by a text token)"
+                )
+            wrong = (runs.cpu() != torch.tensor(counts, dtype=torch.int64)).nonzero()
+            if wrong.numel():
+                i = int(wrong[0, 0])
+                raise ValueError(
+                    f"image {i}: input_ids hold {int(runs[i])} image tokens but the vision tower gives {counts[i]}"
+                )
+        return (~flat).to(torch.int8).argsort(stable=True)[:total]
 
     def _croc_mask(
         self,
@@ -227,7 +287,7 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         mixed: bool,
     ) -> MixedMask:
         validate = bool(self.config.validate_masks)
-        if not mixed:
+        if not mixed or self.config.mask_kind == "causal":
             causal = torch.full_like(image_mask, -1, dtype=torch.int64)
             return MixedMask.from_spans(causal, attention_mask, segment_ids, validate=validate)
         if self.config.mask_kind == "image":
@@ -280,14 +340,17 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         Args:
             input_ids: int64 [B, L] with ``image_token_id`` at the visual tokens.
             attention_mask: optional int/bool [B, L(+cache)], 0 at padding (left or right).
-            pixel_values: optional float [I, 3, H, W], one image per run of image tokens.
+            pixel_values: optional float [I, 3, H, W], one image per run of image tokens, or a list
+                of I float [3, H_i, W_i] images of different sizes (each run of image tokens then
+                as long as that image's visual tokens; see :meth:`encode_images`).
             labels: optional int64 [B, L], -100 where nothing is predicted (shifted inside).
             segment_ids: optional int [B, L] packed-document ids (pass ``position_ids`` restarting
                 at every document too); documents never see each other and no target crosses them.
             position_ids: optional int64 [B, L].
             inputs_embeds: optional float [B, L, H] instead of ``input_ids`` (then no images).
-            replace_mask: optional bool [I, T] choosing the replaced tokens (stage "croc" with
-                labels); default a fresh :func:`croc.random_replace_mask` with ``replace_ratio``.
+            replace_mask: optional bool [I, W] choosing the replaced tokens (stage "croc" with
+                labels; W the most visual tokens of an image); default ``replace_ratio`` of every
+                image's tokens, picked at random.
             croc_mask: optional MixedMask [B, L] overriding the mask the stage would build.
             logits_to_keep: compute logits of the last N positions only (0 = all; needs 0 with labels).
             **kwargs: passed to the text model (``past_key_values``/``cache``, ``use_cache`` (default
@@ -315,7 +378,9 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if labels is not None:
             kwargs.setdefault("use_cache", False)  # no KV cache to build while training
         croc_objective = self.config.stage == "croc" and labels is not None and pixel_values is not None
-        embedded = self._embed(input_ids, inputs_embeds, pixel_values, replace_mask, croc_objective)
+        embedded = self._embed(
+            input_ids, inputs_embeds, pixel_values, replace_mask, croc_objective, segment_ids
+        )
         if croc_mask is None:
             attention_mask, croc_mask = self._attention_masks(
                 embedded.image_mask, attention_mask, segment_ids, labels, embedded.embeds
@@ -350,42 +415,116 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self,
         input_ids: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None,
-        pixel_values: torch.Tensor | None,
+        pixel_values: torch.Tensor | list[torch.Tensor] | None,
         replace_mask: torch.Tensor | None,
         replace: bool,
+        segment_ids: torch.Tensor | None = None,
     ) -> _Embedded:
         """Token embeddings with the (possibly pool-replaced) visual tokens at the image positions."""
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is None:
             return _Embedded(inputs_embeds)
-        visual = self.visual_tokens(pixel_values)
-        num_images, per_image, hidden = visual.shape
+        visual, counts = self.encode_images(pixel_values)
+        hidden = visual.shape[-1]
+        layout = image_layout(counts, visual.device)
         image_mask = input_ids == self.config.image_token_id
-        image_index = self._image_positions(image_mask, num_images * per_image)
+        image_index = self._image_positions(image_mask, counts)
         original, pool_cols = visual, None
         if replace:
-            visual, pool_cols = self._replace(visual, replace_mask)
-        flat = inputs_embeds.reshape(-1, hidden).index_copy(0, image_index, visual.reshape(-1, hidden))
-        return _Embedded(flat.view_as(inputs_embeds), image_mask, image_index, original, pool_cols)
+            visual, pool_cols = self._replace(
+                visual, layout, replace_mask, image_index, input_ids.shape[1], segment_ids
+            )
+        tokens = visual.reshape(-1, hidden)
+        if not layout.uniform:
+            tokens = tokens.index_select(0, layout.flat_valid)
+        flat = inputs_embeds.reshape(-1, hidden).index_copy(0, image_index, tokens.to(inputs_embeds.dtype))
+        return _Embedded(flat.view_as(inputs_embeds), image_mask, image_index, original, pool_cols, layout)
 
     def _reconstruction_loss(self, hidden_states: torch.Tensor, embedded: _Embedded) -> torch.Tensor:
-        """SmoothL1 of the head's predictions at the image positions against the original visual tokens."""
-        num_images, per_image, _ = embedded.visual.shape
+        """SmoothL1 of the head's predictions at the image positions against the original visual
+        tokens: all of an image's tokens, or only the replaced ones (``recon_tokens``)."""
+        layout = embedded.layout
+        num_images, width, _ = embedded.visual.shape
         flat = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, embedded.image_index)
-        prediction = self.reconstruction_head(flat.view(num_images, per_image, -1))
-        return reconstruction_loss(prediction, embedded.visual, self.config.recon_beta)
+        valid = None
+        if not layout.uniform:
+            slots = flat.new_zeros(num_images * width, flat.shape[-1])
+            flat, valid = slots.index_copy(0, layout.flat_valid, flat), layout.valid
+        prediction = self.reconstruction_head(flat.view(num_images, width, -1), valid)
+        counted = valid
+        if self.config.recon_tokens == "replaced":
+            counted = embedded.pool_cols >= 0
+        return reconstruction_loss(prediction, embedded.visual, self.config.recon_beta, counted)
 
     def _replace(
-        self, visual: torch.Tensor, replace_mask: torch.Tensor | None
+        self,
+        visual: torch.Tensor,
+        layout: ImageLayout,
+        replace_mask: torch.Tensor | None,
+        image_index: torch.Tensor,
+        seq_len: int,
+        segment_ids: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Visual tokens [I, T, H] with the chosen ones replaced through the pool, and the pool columns."""
-        num_images, per_image, _ = visual.shape
-        if replace_mask is not None:
-            return self.prompt_pool(visual, replace_mask)
-        count = round(float(self.config.replace_ratio) * per_image)
-        chosen = random_replace_mask(num_images, per_image, self.config.replace_ratio, device=visual.device)
-        return self.prompt_pool(visual, chosen, num_replaced=count)
+        """Visual tokens [I, W, H] with the chosen ones replaced through the pool, and the pool
+        columns [I, W]: one assignment per image or per sample (``assignment_scope``)."""
+        num_images, width, _ = visual.shape
+        count = None
+        if replace_mask is None and layout.uniform:
+            count = round(float(self.config.replace_ratio) * width)
+            replace_mask = random_replace_mask(
+                num_images, width, self.config.replace_ratio, device=visual.device
+            )
+        elif replace_mask is None:
+            replace_mask = random_selection(layout, self.config.replace_ratio, visual.device)
+        elif not layout.uniform:
+            replace_mask = replace_mask & layout.valid
+        if self.config.assignment_scope == "image":
+            return self.prompt_pool(visual, replace_mask, num_replaced=count)
+        return self._replace_per_sample(visual, layout, replace_mask, image_index, seq_len, segment_ids)
+
+    def _replace_per_sample(
+        self,
+        visual: torch.Tensor,
+        layout: ImageLayout,
+        replace_mask: torch.Tensor,
+        image_index: torch.Tensor,
+        seq_len: int,
+        segment_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pool assignment per sample over the replaced tokens of all its images (one
+        batched solve for the whole batch; rows = samples, ragged)."""
+        num_images, width, hidden = visual.shape
+        groups = sample_groups(image_index, layout, seq_len, segment_ids)
+        slots = [[i * width + t for i in images for t in range(layout.counts[i])] for _, images in groups]
+        row_width = max((len(row) for row in slots), default=0)
+        gather = torch.tensor([row + [0] * (row_width - len(row)) for row in slots], dtype=torch.int64)
+        used = torch.tensor([[k < len(row) for k in range(row_width)] for row in slots], dtype=torch.bool)
+        gather, used = (
+            gather.to(visual.device).view(len(slots), row_width),
+            used.to(visual.device).view(len(slots), -1),
+        )
+        flat_visual = visual.reshape(-1, hidden)
+        rows_mask = replace_mask.reshape(-1)[gather] & used
+        if self.config.assignment == "hungarian":
+            self._check_sample_counts(rows_mask, groups)
+        new_rows, row_cols = self.prompt_pool(flat_visual[gather], rows_mask)
+        targets, sources = gather[used], used.reshape(-1).nonzero().squeeze(1)
+        new_visual = flat_visual.index_copy(0, targets, new_rows.reshape(-1, hidden)[sources])
+        cols = torch.full((num_images * width,), -1, dtype=torch.int64, device=visual.device)
+        cols = cols.index_copy(0, targets, row_cols.reshape(-1)[sources])
+        return new_visual.view_as(visual), cols.view(num_images, width)
+
+    def _check_sample_counts(self, rows_mask: torch.Tensor, groups: list[tuple[str, list[int]]]) -> None:
+        pool_size = self.prompt_pool.num_tokens
+        for (name, images), count in zip(groups, rows_mask.sum(dim=1).tolist(), strict=True):
+            if count > pool_size:
+                raise ValueError(
+                    f"sample at {name} replaces {count} visual tokens over its {len(images)} image(s), more "
+                    f"than the prompt pool's {pool_size} tokens: a per-sample Hungarian assignment "
+                    "(assignment_scope='sample') needs at most one replaced token per pool token; use "
+                    "assignment='nearest', assignment_scope='image', a larger pool or a smaller replace_ratio"
+                )
 
 
 # Checkpoints keep LLaVA's key layout: loading a LLaVA checkpoint (and saving ours) applies the

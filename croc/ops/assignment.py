@@ -83,7 +83,9 @@ _warned_fallbacks: set[str] = set()
 if EXTENSION_AVAILABLE:
 
     @torch.library.register_fake("croc::linear_sum_assignment")
-    def _linear_sum_assignment_fake(cost: torch.Tensor, maximize: bool) -> torch.Tensor:
+    def _linear_sum_assignment_fake(
+        cost: torch.Tensor, maximize: bool, num_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return cost.new_empty(cost.shape[:2], dtype=torch.int64)
 
 
@@ -99,31 +101,48 @@ def _forbidden_entries(cost: torch.Tensor, maximize: bool) -> torch.Tensor:
     return (torch.isnan(cost) | (cost == wrong_inf)).flatten(1).any(1)
 
 
-def scipy_linear_sum_assignment(cost: torch.Tensor, maximize: bool) -> torch.Tensor:
+def _check_counts(num_rows: torch.Tensor, n: int, m: int) -> None:
+    """ValueError naming the first problem whose row count is outside [0, min(n, m)]."""
+    bad = (num_rows < 0) | (num_rows > min(n, m))
+    if bad.any():
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"num_rows[{b}] = {int(num_rows[b])} is out of range: expected 0 <= num_rows[b] <= min(n, m) = "
+            f"{min(n, m)} (cost has n = {n} rows and m = {m} columns)"
+        )
+
+
+def scipy_linear_sum_assignment(
+    cost: torch.Tensor, maximize: bool, num_rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """scipy's solver in a loop over the batch, with croc's error messages.
 
     Args:
-        cost: float [B, n, m], n <= m, any device (copied to the host as float64).
+        cost: float [B, n, m], any device (copied to the host as float64); n <= m unless num_rows.
         maximize: maximise the total instead of minimising it.
+        num_rows: optional int64 [B] on cost's device: problem b uses its first num_rows[b] rows.
 
     Returns:
-        int64 [B, n] on cost's device: the column assigned to each row.
+        int64 [B, n] on cost's device: the column assigned to each row, -1 past num_rows[b].
     """
     from scipy.optimize import linear_sum_assignment
 
-    batch, n, _ = cost.shape
+    batch, n, m = cost.shape
     host = cost.detach().to("cpu", torch.float64)
-    bad = _forbidden_entries(host, maximize)
+    rows = torch.full((batch,), n, dtype=torch.int64) if num_rows is None else num_rows.cpu()
+    _check_counts(rows, n, m)
+    used = torch.arange(n).unsqueeze(0) < rows.unsqueeze(1)  # [B, n]
+    bad = _forbidden_entries(host.masked_fill(~used.unsqueeze(-1), 0.0), maximize)
     if bad.any():
         element = int(bad.nonzero()[0, 0])
         allowed = "use -inf to forbid a pair" if maximize else "use +inf to forbid a pair"
         raise ValueError(
             f"cost (batch element {element}) contains NaN or {'+inf' if maximize else '-inf'}; {allowed}"
         )
-    out = np.empty((batch, n), dtype=np.int64)
-    for b, problem in enumerate(host.numpy()):
+    out = np.full((batch, n), -1, dtype=np.int64)
+    for b, (problem, count) in enumerate(zip(host.numpy(), rows.tolist(), strict=True)):
         try:
-            out[b] = linear_sum_assignment(problem, maximize=maximize)[1]
+            out[b, :count] = linear_sum_assignment(problem[:count], maximize=maximize)[1]
         except ValueError as error:
             raise ValueError(
                 f"cost (batch element {b}) is infeasible: its forbidden ({'-inf' if maximize else '+inf'}) "
@@ -168,20 +187,24 @@ def _resolve(backend: str, device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else "cpu"
 
 
-def solve(cost: torch.Tensor, maximize: bool, backend: str) -> torch.Tensor:
+def solve(
+    cost: torch.Tensor, maximize: bool, backend: str, num_rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """Solves a batch of validated problems with the chosen backend.
 
     Args:
-        cost: float32 or float64 [B, n, m], n <= m (validated by the caller).
+        cost: float32 or float64 [B, n, m], n <= m unless num_rows is given (validated by the caller).
         maximize: maximise the total instead of minimising it.
         backend: "auto" | "cuda" | "cpu" | "scipy" (see :func:`croc.linear_sum_assignment`).
+        num_rows: optional int64 [B] on cost's device (ragged batch; counts checked by the backend).
 
     Returns:
-        int64 [B, n] on cost's device.
+        int64 [B, n] on cost's device, -1 past num_rows[b].
     """
     chosen = _resolve(backend, cost.device)
     if chosen == "scipy":
-        return scipy_linear_sum_assignment(cost, maximize)
+        return scipy_linear_sum_assignment(cost, maximize, num_rows)
     if chosen == "cpu" and cost.device.type != "cpu":
-        return torch.ops.croc.linear_sum_assignment(cost.cpu(), maximize).to(cost.device)
-    return torch.ops.croc.linear_sum_assignment(cost, maximize)
+        rows = None if num_rows is None else num_rows.cpu()
+        return torch.ops.croc.linear_sum_assignment(cost.cpu(), maximize, rows).to(cost.device)
+    return torch.ops.croc.linear_sum_assignment(cost, maximize, num_rows)

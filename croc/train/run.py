@@ -20,6 +20,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from croc.data import LlavaCollator, LlavaJsonDataset, build_image_processor
 from croc.model.config import visual_tokens_per_image
+from croc.recipes import RECIPE_NAMES, RECIPES, recipe_config
 from croc.train.stages import STAGES, apply_stage, trainable_summary
 from croc.train.trainer import CrocTrainer
 
@@ -30,6 +31,7 @@ __all__ = [
     "main",
     "num_image_tokens",
     "train_stage",
+    "with_recipe_defaults",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,7 +64,8 @@ class CrocArguments:
         default=None, metadata={"help": "croc: fraction of visual tokens replaced by pool tokens (0.75)"}
     )
     mask_kind: str | None = field(
-        default=None, metadata={"help": "croc: bidirectional 'image' spans (paper) or the whole 'prefix'"}
+        default=None,
+        metadata={"help": "croc: bidirectional 'image' spans (paper), the whole 'prefix', or 'causal'"},
     )
     assignment: str | None = field(
         default=None, metadata={"help": "croc: pool assignment 'hungarian' (one-to-one) or 'nearest'"}
@@ -83,12 +86,41 @@ class CrocArguments:
             "processes and the attention heads, and divide the kv heads or be a multiple of them"
         },
     )
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": f"one of {RECIPE_NAMES}: its config fields and training defaults (flags given on the "
+            "command line win; default: the checkpoint's fields, which are 'paper' for a fresh one)"
+        },
+    )
 
     def config_overrides(self) -> dict:
-        """The Croc config fields given on the command line (others keep the checkpoint's values)."""
+        """The Croc config fields: the recipe's (if any), then those given on the command line
+        (others keep the checkpoint's values). A flag that contradicts the recipe makes it "custom"."""
         names = ("replace_ratio", "mask_kind", "assignment", "prompt_pool_size", "recon_loss_weight")
         values = {name: getattr(self, name) for name in (*names, "attention_backend")}
-        return {name: value for name, value in values.items() if value is not None}
+        given = {name: value for name, value in values.items() if value is not None}
+        if self.recipe is None:
+            return given
+        fields = recipe_config(self.recipe)
+        changed = any(name in fields and fields[name] != value for name, value in given.items())
+        return {**fields, **given, **({"recipe": "custom"} if changed else {})}
+
+
+def with_recipe_defaults(argv: list[str], recipe: str | None) -> list[str]:
+    """``argv`` plus ``--flag value`` for every training default of ``recipe`` that argv does not set."""
+    if recipe is None:
+        return argv
+    if recipe not in RECIPES:
+        raise ValueError(f"--recipe must be one of {RECIPE_NAMES}, got {recipe!r}")
+    given = {token[2:].split("=", 1)[0] for token in argv if token.startswith("--")}
+    extra = [
+        part
+        for key, value in RECIPES[recipe].training.items()
+        if key not in given
+        for part in (f"--{key}", str(value))
+    ]
+    return [*argv, *extra]
 
 
 def deepspeed_config_path(name_or_path: str) -> str:
@@ -203,7 +235,12 @@ def _resolve_deepspeed_flag(argv: list[str] | None) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``croc train``: parse, load, build the data, train, save model + processors."""
     parser = HfArgumentParser((CrocArguments, TrainingArguments), prog="croc train")
-    args, training_args = parser.parse_args_into_dataclasses(args=_resolve_deepspeed_flag(argv))
+    argv = _resolve_deepspeed_flag(argv)
+    args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if args.recipe is not None:
+        if args.recipe not in RECIPES:
+            parser.error(f"--recipe must be one of {RECIPE_NAMES}, got {args.recipe!r}")
+        args, training_args = parser.parse_args_into_dataclasses(args=with_recipe_defaults(argv, args.recipe))
     if args.stage not in STAGES:
         parser.error(f"--stage must be one of {STAGES}, got {args.stage!r}")
     if training_args.deepspeed or args.sequence_parallel_size > 1:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
+from croc.train.param_groups import GROUPS, parameter_groups
+
 __all__ = ["LOSS_PARTS", "CrocTrainer"]
 
 LOSS_PARTS = ("lm_loss", "recon_loss")
@@ -51,6 +53,23 @@ class CrocTrainer(Trainer):
                     self._part_sums[name] = self._part_sums.get(name, 0) + value.detach().float()
                     self._part_counts[name] = self._part_counts.get(name, 0) + 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def create_optimizer(self, model=None):
+        """The stock optimizer, with one parameter group per module family (pool, projector,
+        vision tower, LLM) at the learning rates of the model config's ``*_lr`` fields when any is set."""
+        opt_model = self.model if model is None else model
+        config = getattr(opt_model, "config", None)
+        if self.optimizer is not None or not any(
+            getattr(config, f, None) is not None for f, _ in GROUPS.values()
+        ):
+            return super().create_optimizer(model)
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        no_decay = set(n for n, _ in opt_model.named_parameters()) - set(
+            self.get_decay_parameter_names(opt_model)
+        )
+        groups = parameter_groups(opt_model, self.args.learning_rate, self.args.weight_decay, no_decay)
+        self.optimizer = optimizer_cls(groups, **kwargs)
+        return self.optimizer
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load the weights of a checkpoint to resume from, with the model's own key conversion.
