@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 import croc
+from croc.constants import IGNORE_INDEX
 from croc.model import CrocLlavaConfig, CrocLlavaForConditionalGeneration
 
 
@@ -137,7 +138,7 @@ def _sample_tokens(prompt: int, caption: int, shapes: Shapes, gen: torch.Generat
     ids = torch.randint(1, shapes.image_token_id, (prompt + image_tokens + caption,), generator=gen)
     ids[prompt : prompt + image_tokens] = shapes.image_token_id
     labels = ids.clone()
-    labels[: prompt + image_tokens] = -100
+    labels[: prompt + image_tokens] = IGNORE_INDEX
     return ids, labels
 
 

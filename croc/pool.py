@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from croc.assignment import linear_sum_assignment
+from croc.constants import ASSIGNMENTS as _ASSIGNMENTS
+from croc.constants import POOL_INITS as _INITS
 
 __all__ = ["PromptTokenPool", "random_replace_mask"]
-
-_INITS = ("normal", "normalized")
-_ASSIGNMENTS = ("hungarian", "nearest")
 
 
 def random_replace_mask(

@@ -25,8 +25,16 @@ static PyObject* croc_has_cuda(PyObject*, PyObject*) {
 #endif
 }
 
+#ifndef CROC_TORCH_VERSION
+#define CROC_TORCH_VERSION "unknown"
+#endif
+
+// The torch.__version__ this extension was compiled against (set by setup.py).
+static PyObject* croc_torch_version(PyObject*, PyObject*) { return PyUnicode_FromString(CROC_TORCH_VERSION); }
+
 static PyMethodDef kMethods[] = {
     {"has_cuda", croc_has_cuda, METH_NOARGS, "True if the CUDA kernels were built."},
+    {"torch_version", croc_torch_version, METH_NOARGS, "The torch version this extension was built against."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -44,6 +44,7 @@ def reports() -> list[dict]:
     return json.loads(done.stdout)
 
 
+@pytest.mark.matrix_kernels
 @pytest.mark.parametrize("schedule", ["range", "index"])
 def test_every_configuration_compiles_for_both_archs(reports, schedule):
     compiled = {

@@ -90,6 +90,7 @@ def _changed_groups(before: dict, after: dict) -> set[str]:
     }
 
 
+@pytest.mark.matrix_integration
 @pytest.mark.parametrize("stage", ["projector", "croc", "finetune"])
 def test_stage_trains_its_parameters_and_logs_both_losses(setup, tmp_path, stage):
     _, _, tokenizer, _ = setup

@@ -46,6 +46,7 @@ PADDINGS = {
 }
 
 
+@pytest.mark.matrix_integration
 @pytest.mark.parametrize("padding", sorted(PADDINGS))
 @pytest.mark.parametrize("name", sorted(TEXT_MODELS))
 def test_croc_mixed_equals_sdpa_without_and_with_causal_croc_mask(name, padding):

@@ -170,6 +170,7 @@ def test_arbitrary_intervals_take_the_index_schedule(seq_q, seq_k):
         triton_attention.triton_mixed_attention(q, k, v, mask, 0.125, schedule="range")
 
 
+@pytest.mark.matrix_kernels
 @pytest.mark.parametrize("head_dim,heads_q,heads_kv", [(64, 4, 2), (80, 3, 1), (96, 4, 2), (128, 3, 1)])
 def test_head_dims_and_gqa(head_dim, heads_q, heads_kv):
     mask = _layout_mask("spans", batch=1, seq_len=35, seed=head_dim)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from croc.constants import IMAGE_TOKEN
+
 __all__ = [
     "COLOURS",
     "POSITIONS",
@@ -134,7 +136,7 @@ def _record(idx: int, scene: SyntheticScene, rng: random.Random, kind: str) -> d
     image = f"{idx:06d}.png"
     if kind == "caption":
         conversations = [
-            {"from": "human", "value": "<image>"},
+            {"from": "human", "value": IMAGE_TOKEN},
             {"from": "gpt", "value": caption_for(scene)},
         ]
     else:
@@ -146,7 +148,7 @@ def _record(idx: int, scene: SyntheticScene, rng: random.Random, kind: str) -> d
             rng.shuffle(turns)
         conversations = []
         for i, (question, answer) in enumerate(turns):
-            value = f"<image>\n{question}" if i == 0 else question
+            value = f"{IMAGE_TOKEN}\n{question}" if i == 0 else question
             conversations += [{"from": "human", "value": value}, {"from": "gpt", "value": answer}]
     return {"id": f"synthetic-{kind}-{idx:06d}", "image": image, "conversations": conversations}
 

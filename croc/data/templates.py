@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from croc.constants import IGNORE_INDEX
+from croc.constants import IMAGE_TOKEN as IMAGE_PLACEHOLDER
+
 __all__ = [
     "IGNORE_INDEX",
     "TEMPLATES",
@@ -26,8 +29,6 @@ __all__ = [
     "tokenize_conversation",
 ]
 
-IGNORE_INDEX = -100
-IMAGE_PLACEHOLDER = "<image>"
 TEMPLATES = ("plain", "vicuna")
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

@@ -10,12 +10,12 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from croc.constants import IMAGE_TOKEN
 from croc.data.synthetic import corpus_texts
 from croc.data.templates import VICUNA_SYSTEM, template_texts
 
 __all__ = ["IMAGE_TOKEN", "SPECIAL_TOKENS", "build_synthetic_tokenizer"]
 
-IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 
 

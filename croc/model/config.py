@@ -15,6 +15,7 @@ __all__ = [
     "RECON_TOKENS",
     "STAGES",
     "CrocLlavaConfig",
+    "visual_tokens_per_image",
 ]
 
 STAGES = ("projector", "croc", "finetune")
@@ -131,6 +132,12 @@ class CrocLlavaConfig(LlavaConfig):
     def image_token_capacity(self) -> int:
         """Most visual tokens per image: ``max_image_tokens``, default ``image_seq_length``."""
         return int(self.max_image_tokens or self.image_seq_length)
+
+
+def visual_tokens_per_image(vision_config, feature_select_strategy: str = "default") -> int:
+    """Visual tokens per image that a CLIP-like vision config feeds the LLM: its patches, plus CLS for "full"."""
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    return patches + (1 if feature_select_strategy == "full" else 0)
 
 
 AutoConfig.register(CrocLlavaConfig.model_type, CrocLlavaConfig, exist_ok=True)

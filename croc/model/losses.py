@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from croc.constants import IGNORE_INDEX
 from croc.model.config import RECON_HEADS
 
 __all__ = ["IGNORE_INDEX", "ReconstructionHead", "causal_lm_loss", "reconstruction_loss"]
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "ReconstructionHead", "causal_lm_loss", "reconstruction_loss"]
 
 
 class ReconstructionHead(nn.Module):

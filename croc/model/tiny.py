@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config
 
-from croc.model.config import CrocLlavaConfig
+from croc.model.config import CrocLlavaConfig, visual_tokens_per_image
 
 __all__ = ["TINY_IMAGE_TOKEN_ID", "tiny_config"]
 
@@ -57,10 +57,9 @@ def tiny_config(
     )
     text_fields.update(text_overrides or {})
     vision = CLIPVisionConfig(**vision_fields)
-    patches = (vision.image_size // vision.patch_size) ** 2
     fields: dict[str, Any] = dict(
         image_token_id=TINY_IMAGE_TOKEN_ID,
-        image_seq_length=patches,
+        image_seq_length=visual_tokens_per_image(vision),
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",

@@ -5,8 +5,10 @@ of a batch in parallel on torch's thread pool) and, when built with CUDA, the CU
 (one launch for the batch). Its fake function is registered here, so ``torch.compile`` traces a
 call without a graph break. The op is not differentiable (it returns indices).
 
-When ``croc._C`` is missing (e.g. installed with ``CROC_SKIP_EXT_BUILD=1``), :func:`solve` falls
-back to scipy, with a single warning per process.
+When ``croc._C`` is missing (installed with ``CROC_SKIP_EXT_BUILD=1``), :func:`solve` falls back to
+scipy, with a single warning per process. When it is present but was built against another torch
+release (major.minor), importing croc raises an ImportError that gives the rebuild command: never a
+crash later, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -16,12 +18,61 @@ import warnings
 import numpy as np
 import torch
 
-try:
-    from croc import _C
-except ImportError:  # built without the extension (CROC_SKIP_EXT_BUILD=1, or torch absent at build)
-    _C = None
+__all__ = [
+    "EXTENSION_AVAILABLE",
+    "EXTENSION_HAS_CUDA",
+    "check_built_against",
+    "scipy_linear_sum_assignment",
+    "solve",
+]
 
-__all__ = ["EXTENSION_AVAILABLE", "EXTENSION_HAS_CUDA", "scipy_linear_sum_assignment", "solve"]
+REBUILD_HINT = (
+    "rebuild croc next to the torch you run, without build isolation: "
+    "`pip install --no-build-isolation .` (or `-e .`; in a checkout `python setup.py build_ext --inplace`)"
+)
+
+
+def _release(version: str) -> tuple[str, ...]:
+    """'2.13.0+cpu' -> ('2', '13'): the part of a torch version that fixes its C++ ABI."""
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
+def check_built_against(built: str, running: str) -> None:
+    """Raise ImportError unless croc._C was built against the torch minor release that is running.
+
+    Args:
+        built: the torch version croc._C was compiled against (``croc._C.torch_version()``).
+        running: ``torch.__version__``.
+    """
+    if _release(built) != _release(running):
+        raise ImportError(
+            f"croc._C was built against torch {built}, but torch {running} is running; an extension "
+            f"built against another torch release crashes or misbehaves, so croc refuses it: {REBUILD_HINT}"
+        )
+
+
+def _load_extension():
+    """croc._C, checked against the running torch; None if croc was installed without it."""
+    try:
+        from croc import _C
+    except ModuleNotFoundError as error:
+        if error.name != "croc._C":
+            raise
+        return None  # built without the extension (CROC_SKIP_EXT_BUILD=1)
+    except ImportError as error:  # present but unloadable: typically undefined torch symbols
+        raise ImportError(
+            f"croc._C is installed but does not load with torch {torch.__version__} ({error}); it was "
+            f"probably built against another torch: {REBUILD_HINT}"
+        ) from error
+    if not hasattr(_C, "torch_version"):
+        raise ImportError(
+            f"croc._C predates the torch version check (built by an older croc): {REBUILD_HINT}"
+        )
+    check_built_against(_C.torch_version(), torch.__version__)
+    return _C
+
+
+_C = _load_extension()
 
 EXTENSION_AVAILABLE: bool = _C is not None
 EXTENSION_HAS_CUDA: bool = _C is not None and bool(_C.has_cuda())

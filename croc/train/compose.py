@@ -64,6 +64,7 @@ def compose_checkpoint(
         ``output_dir`` as a Path.
     """
     from croc.model import CrocLlavaConfig, CrocLlavaForConditionalGeneration
+    from croc.model.config import visual_tokens_per_image
 
     tokenizer = _tokenizer_with_image_token(language_model)
     vision_config = CLIPVisionConfig.from_pretrained(vision_tower)
@@ -71,7 +72,7 @@ def compose_checkpoint(
         vision_config=vision_config,
         text_config=AutoConfig.from_pretrained(language_model),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
+        image_seq_length=visual_tokens_per_image(vision_config),
         vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
         **{"stage": "projector", **croc_fields},

@@ -20,6 +20,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
+from croc.constants import IMAGE_TOKEN
 from croc.data import LlavaCollator, LlavaJsonDataset, build_image_processor, build_synthetic_tokenizer
 from croc.data.synthetic import CAPTION_PROMPTS, write_synthetic_dataset
 from croc.train.evaluate import answer_all, caption_token_accuracy, exact_match
@@ -100,7 +101,7 @@ def _build_model(recipe: DemoRecipe, tokenizer):
             image_size=recipe.image_size,
             patch_size=recipe.patch_size,
         ),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         stage="projector",
     )
     return CrocLlavaForConditionalGeneration(config)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from croc.constants import IMAGE_TOKEN
 from croc.data import IGNORE_INDEX, LlavaCollator, LlavaJsonDataset
 from croc.data.templates import conversation_chunks, tokenize_conversation
 
@@ -87,7 +88,7 @@ def answer_all(
         pixels = dataset.pixel_values(index)
         turns = record["conversations"]
         for human, gpt in zip(turns[::2], turns[1::2]):
-            question = human["value"].replace("<image>", "").strip()
+            question = human["value"].replace(IMAGE_TOKEN, "").strip()
             if question in skip_questions:
                 continue
             answer = generate_answer(model, tokenizer, pixels, question, num_image_tokens, max_new_tokens)

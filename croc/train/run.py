@@ -19,6 +19,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, HfArgumentParser, Tr
 from transformers.trainer_callback import ProgressCallback
 
 from croc.data import LlavaCollator, LlavaJsonDataset, build_image_processor
+from croc.model.config import visual_tokens_per_image
 from croc.recipes import RECIPE_NAMES, RECIPES, recipe_config
 from croc.train.stages import STAGES, apply_stage, trainable_summary
 from croc.train.trainer import CrocTrainer
@@ -133,9 +134,7 @@ def deepspeed_config_path(name_or_path: str) -> str:
 
 def num_image_tokens(config) -> int:
     """Visual tokens per image that the LLaVA ``config`` feeds the LLM (CLS dropped unless "full")."""
-    vision = config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+    return visual_tokens_per_image(config.vision_config, config.vision_feature_select_strategy)
 
 
 def build_dataset(args: CrocArguments, tokenizer, image_processor, config) -> LlavaJsonDataset:

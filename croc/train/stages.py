@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["STAGES", "apply_stage", "trainable_summary"]
+from croc.constants import STAGES
 
-STAGES = ("projector", "croc", "finetune")
+__all__ = ["STAGES", "apply_stage", "trainable_summary"]
 
 
 def apply_stage(model: nn.Module, stage: str) -> None:
