@@ -191,13 +191,15 @@ def padded_batch(samples, shapes: Shapes, device: str) -> dict:
 def per_image_scipy_assign(pool: croc.PromptTokenPool):
     """The released code's assignment: per image, copy the cost to the host and call scipy."""
 
-    def assign(selected: torch.Tensor) -> torch.Tensor:
+    def assign(selected: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """selected [B, n, D]; counts int [B] or None -> int64 [B, n], -1 past a row's count."""
         with torch.no_grad():
-            cols = []
-            for image in selected:
-                cost = pool.cost(image[None])[0].cpu().numpy()
-                cols.append(torch.from_numpy(scipy_lsa(cost)[1]))
-            return torch.stack(cols).to(selected.device)
+            cols = torch.full(selected.shape[:2], -1, dtype=torch.int64)
+            for row, image in enumerate(selected):
+                used = image.shape[0] if counts is None else int(counts[row])
+                cost = pool.cost(image[None, :used])[0].cpu().numpy()
+                cols[row, :used] = torch.from_numpy(scipy_lsa(cost)[1])
+            return cols.to(selected.device)
 
     return assign
 
