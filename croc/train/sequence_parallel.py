@@ -162,11 +162,17 @@ def shifted_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None) -> t
     return F.pad(targets, (0, 1), value=IGNORE_INDEX)
 
 
-def _sharded_assign(assign, sp: SequenceParallel, selected: torch.Tensor) -> torch.Tensor:
-    """int64 [R, n]: ``assign`` of the rows ``selected`` [R, n, D] owned by this rank, all-reduced."""
+def _sharded_assign(
+    assign, sp: SequenceParallel, selected: torch.Tensor, counts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """int64 [R, n]: ``assign`` of the rows ``selected`` [R, n, D] owned by this rank, all-reduced.
+
+    ``counts`` (int [R] or None) as in :meth:`croc.PromptTokenPool.assign`: row r uses its first
+    counts[r] tokens, the others get -1 (from the owning rank; the other ranks add zeros)."""
     cols = torch.zeros(selected.shape[:2], dtype=torch.int64, device=selected.device)
     if sp.rank < selected.shape[0]:
-        cols[sp.rank :: sp.size] = assign(selected[sp.rank :: sp.size])
+        owned = slice(sp.rank, None, sp.size)
+        cols[owned] = assign(selected[owned], None if counts is None else counts[owned])
     dist.all_reduce(cols, group=sp.group)
     return cols
 
