@@ -74,7 +74,8 @@ _TABLE: dict[tuple[int, int, bool], AttentionConfig] = {
     (80, 64, False): _cfg(forward=(128, 64, 8, 3), dkdv=(32, 64, 8, 1), dq=(128, 32, 8, 3)),
     (80, 128, False): _cfg(forward=(128, 32, 8, 3), dkdv=(32, 64, 8, 2), dq=(64, 32, 4, 2)),
     (90, 64, True): _cfg(forward=(64, 64, 8, 3), dkdv=(32, 128, 8, 2), dq=(128, 64, 8, 2)),  # 3.9 spilled
-    (90, 128, True): _cfg(forward=(32, 32, 4, 3), dkdv=(32, 32, 4, 1), dq=(16, 32, 8, 1)),  # 64x32 spilled; 3.9: dq 4 warps spilled 8 B at D = 80/96
+    # fp32 D = 128: forward 64x32 spilled; dq at 4 warps spilled 8 B at D = 80/96 under Triton 3.9
+    (90, 128, True): _cfg(forward=(32, 32, 4, 3), dkdv=(32, 32, 4, 1), dq=(16, 32, 8, 1)),
     (80, 64, True): _cfg(forward=(128, 64, 8, 3), dkdv=(16, 32, 4, 1), dq=(64, 32, 8, 1)),
     (80, 128, True): _cfg(forward=(64, 32, 4, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 8, 1)),
 }
