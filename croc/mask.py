@@ -342,10 +342,16 @@ class MixedMask:
 
     def to_block_mask(self, block_size: int | tuple[int, int] = 128):
         """FlexAttention's ``BlockMask`` built from the intervals (no ``create_block_mask``, no dense
-        mask, no host sync); see :func:`croc.ops.flex_attention.block_mask_from_intervals`."""
+        mask, no host sync); see :func:`croc.ops.flex_attention.block_mask_from_intervals`.
+        Cached per block size, like the kernels' schedules: every layer of a batch shares one."""
         from croc.ops.flex_attention import block_mask_from_intervals
 
-        return block_mask_from_intervals(self.kv_start, self.kv_end, self.num_keys, block_size)
+        key = ("block_mask", block_size)
+        if key not in self._block_cache:
+            self._block_cache[key] = block_mask_from_intervals(
+                self.kv_start, self.kv_end, self.num_keys, block_size
+            )
+        return self._block_cache[key]
 
     def __repr__(self) -> str:
         return (

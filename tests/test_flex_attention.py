@@ -85,3 +85,10 @@ def test_flex_refuses_a_cpu_backward_up_front():
     q = torch.randn(1, 1, 8, 16, requires_grad=True)
     with pytest.raises(ValueError, match="forward-only"):
         croc.mixed_attention(q, q, q, mask, backend="flex")
+
+
+def test_block_mask_is_cached_per_block_size():
+    """Every layer of a batch shares one BlockMask, as the kernels share one schedule."""
+    mask = croc.MixedMask.causal(1, 40)
+    assert mask.to_block_mask(8) is mask.to_block_mask(8)
+    assert mask.to_block_mask(16) is not mask.to_block_mask(8)
