@@ -66,12 +66,17 @@ def test_flash_attention_error_rule(kind, batch, heads_q, heads_kv, seq_len, hea
     shape_q, shape_kv = (batch, heads_q, seq_len, head_dim), (batch, heads_kv, seq_len, head_dim)
     q, dout = (torch.randn(shape_q, device="cuda", dtype=dtype) for _ in range(2))
     k, v = (torch.randn(shape_kv, device="cuda", dtype=dtype) for _ in range(2))
-    scale = head_dim**-0.5
+    _assert_error_rule(q, k, v, dout, mask, "triton")
+
+
+def _assert_error_rule(q, k, v, dout, mask: croc.MixedMask, backend: str) -> None:
+    """Outputs and the three gradients of ``backend`` against fp32, within 2x PyTorch's own error."""
+    scale = q.shape[-1] ** -0.5
 
     def reference(*qkv):
         return reference_mixed_attention(*qkv, mask.kv_start, mask.kv_end, scale)
 
-    ours = _fwd_bwd(q, k, v, dout, lambda *qkv: croc.mixed_attention(*qkv, mask, backend="triton"))
+    ours = _fwd_bwd(q, k, v, dout, lambda *qkv: croc.mixed_attention(*qkv, mask, backend=backend))
     exact = _fwd_bwd(*(t.float() for t in (q, k, v, dout)), reference)
     torch_low = _fwd_bwd(q, k, v, dout, reference)
     for name, a, ref, low in zip(("out", "dq", "dk", "dv"), ours, exact, torch_low):
@@ -79,6 +84,18 @@ def test_flash_attention_error_rule(kind, batch, heads_q, heads_kv, seq_len, hea
         our_err = (a.float() - ref).abs().max().item()
         torch_err = (low.float() - ref).abs().max().item()
         assert our_err <= 2 * torch_err + ABS_SLACK, f"{name}: ours {our_err:.3g} vs torch {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("kind,batch,heads_q,heads_kv,seq_len,head_dim,dtype", [CASES[0], CASES[5]])
+def test_flex_backend_error_rule(kind, batch, heads_q, heads_kv, seq_len, head_dim, dtype):
+    """backend="flex" (compiled FlexAttention on our BlockMask), forward and backward: the GPU
+    backward that the CPU cannot run. Empty rows must come out zero with zero gradients."""
+    torch.manual_seed(seq_len)
+    mask = _mask(kind, batch, seq_len)
+    shape_q, shape_kv = (batch, heads_q, seq_len, head_dim), (batch, heads_kv, seq_len, head_dim)
+    q, dout = (torch.randn(shape_q, device="cuda", dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(shape_kv, device="cuda", dtype=dtype) for _ in range(2))
+    _assert_error_rule(q, k, v, dout, mask, "flex")
 
 
 def test_auto_backend_uses_triton_on_cuda(monkeypatch):

@@ -10,6 +10,8 @@ from torch.nn.attention.flex_attention import create_block_mask
 import croc
 from croc.ops.flex_attention import interval_tile_flags
 
+pytestmark = pytest.mark.matrix_integration  # also under torch 2.11, the GPU machines' torch
+
 FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
           "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")  # fmt: skip
 
@@ -85,6 +87,38 @@ def test_flex_refuses_a_cpu_backward_up_front():
     q = torch.randn(1, 1, 8, 16, requires_grad=True)
     with pytest.raises(ValueError, match="forward-only"):
         croc.mixed_attention(q, q, q, mask, backend="flex")
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose
+@pytest.mark.parametrize("block_size", [16, (8, 16)])
+@pytest.mark.parametrize("name_mask", list(_masks()), ids=lambda nm: nm[0])
+def test_block_mask_gradients_equal_reference_through_torch_math(name_mask, block_size, monkeypatch):
+    """The backward a BlockMask of ours drives, in float64, against the reference backend.
+
+    torch refuses FlexAttention gradients on the CPU at its API entry, before any kernel; with that
+    check lifted, its eager path runs its own math backward with our mask_mod (on the padded
+    intervals), including rows that overhang the last query block and empty rows. The tables the
+    fused GPU backward reads are the ones tested equal to ``create_block_mask``'s above.
+    """
+    import torch.nn.attention.flex_attention as flex_module
+
+    _, mask = name_mask
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
+    gen = torch.Generator().manual_seed(3)
+    shape = lambda heads, length: (mask.batch_size, heads, length, 8)  # noqa: E731
+    q = torch.randn(shape(4, mask.num_queries), generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (
+        torch.randn(shape(2, mask.num_keys), generator=gen, dtype=torch.float64, requires_grad=True)
+        for _ in range(2)
+    )
+    got = flex_module.flex_attention(q, k, v, block_mask=mask.to_block_mask(block_size), enable_gqa=True)
+    want = croc.mixed_attention(q, k, v, mask, backend="reference")
+    grad_out = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for ours, ref in zip(
+        torch.autograd.grad(got, (q, k, v), grad_out), torch.autograd.grad(want, (q, k, v), grad_out)
+    ):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_block_mask_is_cached_per_block_size():
