@@ -23,7 +23,7 @@ format: $(STAMP)
 test: lint
 	$(PY) -m pytest -q -m "not multiprocess and not wheel"  # wheel: its own .ci/run step
 
-test-multiprocess: $(STAMP)  # torchrun with 2 CPU processes: sequence parallelism and faults (~6 min)
+test-multiprocess: $(STAMP)  # torchrun with 2 CPU processes: ZeRO-2/3, sequence parallelism, faults (~8 min)
 	$(PY) -m pytest -q -m multiprocess
 
 demo: $(STAMP)

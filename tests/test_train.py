@@ -170,7 +170,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess  # ~3 min with DeepSpeed's first start: `make test-multiprocess`
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_deepspeed_two_processes_cpu(setup, tmp_path, zero):
     pytest.importorskip("deepspeed")
