@@ -23,6 +23,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
     SiglipVisionConfig,
+    masking_utils,
 )
 from transformers.masking_utils import (
     and_masks,
@@ -30,7 +31,6 @@ from transformers.masking_utils import (
     causal_mask_function,
     or_masks,
     packed_sequence_mask_function,
-    remap_positions_for_packed_sequence,
     sdpa_mask,
     sliding_window_overlay,
 )
@@ -324,27 +324,29 @@ def _block_ids(token_type: torch.Tensor) -> torch.Tensor:
 
 
 def _gemma3_image_mask_functions(token_type):
-    """The mask functions transformers 5.2x composes for Gemma 3 (create_masks_for_vision_model):
-    unpacked, and packed (positions restart per document: the sliding layer's blocks are read at the
-    remapped positions, the global layer's at the absolute ones, as transformers does)."""
+    """The mask functions the installed transformers composes for Gemma 3 (create_masks_for_vision_model),
+    unpacked and packed (two documents). transformers 5.2x remaps positions in packed rows: the sliding
+    layer's blocks are read at the remapped positions, the global layer's at the absolute ones; 5.17
+    ANDs the packed mask (the global layer's image blocks ORed outside it)."""
     block_ids = _block_ids(token_type)
-    full = or_masks(causal_mask_function, blockwise_overlay(block_ids))
+    causal_blocks = or_masks(causal_mask_function, blockwise_overlay(block_ids))
+    sliding = and_masks(causal_blocks, sliding_window_overlay(3))
     positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]]).expand(len(token_type), -1)
-    segments = torch.tensor([[0] * 5 + [1] * 7]).expand(len(token_type), -1)
-    packed = packed_sequence_mask_function(segments)
+    packed = packed_sequence_mask_function(torch.tensor([[0] * 5 + [1] * 7]).expand(len(token_type), -1))
+    remap = getattr(masking_utils, "remap_positions_for_packed_sequence", None)  # transformers >= 5.2x
+    if remap is None:
+        packed_full = or_masks(and_masks(causal_mask_function, packed), blockwise_overlay(block_ids))
+        packed_sliding = and_masks(sliding, packed)
+    else:
+        packed_full = and_masks(
+            or_masks(remap(causal_mask_function, positions), blockwise_overlay(block_ids)), packed
+        )
+        packed_sliding = and_masks(remap(sliding, positions), packed)
     return {
-        "full": full,
-        "sliding": and_masks(full, sliding_window_overlay(3)),
-        "packed-full": and_masks(
-            or_masks(
-                remap_positions_for_packed_sequence(causal_mask_function, positions),
-                blockwise_overlay(block_ids),
-            ),
-            packed,
-        ),
-        "packed-sliding": and_masks(
-            remap_positions_for_packed_sequence(and_masks(full, sliding_window_overlay(3)), positions), packed
-        ),
+        "full": causal_blocks,
+        "sliding": sliding,
+        "packed-full": packed_full,
+        "packed-sliding": packed_sliding,
     }
 
 
