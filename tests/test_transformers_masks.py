@@ -399,15 +399,53 @@ def test_a_non_monotone_layout_keeps_the_index_schedule_and_matches(backend):
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
-def test_monotone_flag_is_exact_per_mask_family():
-    """Causal, sliding, packed and padded masks are monotone without a data check; the image overlay
-    (an or) is checked on the data: monotone for contiguous blocks."""
-    causal = integration.croc_mixed_mask(batch_size=1, q_length=7, kv_length=7, allow_is_causal_skip=False)
-    window = integration.croc_mixed_mask(
-        batch_size=1, q_length=7, kv_length=7, mask_function=and_masks(causal_mask_function, sliding_window_overlay(2)),
-        attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1, 1]]).bool(), allow_is_causal_skip=False,
+def _family_mask_kwargs(family: str) -> dict:
+    """``sdpa_mask`` kwargs of one mask family over two rows of 12 tokens (row 1 right-padded)."""
+    token_type = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0]])
+    attention_mask = torch.ones(2, 12, dtype=torch.bool)
+    attention_mask[1, 10:] = False
+    if family in ("causal", "window"):
+        fn = (
+            causal_mask_function
+            if family == "causal"
+            else and_masks(causal_mask_function, sliding_window_overlay(2))
+        )
+    elif family == "non-monotone":
+        fn = or_masks(
+            causal_mask_function, lambda b, h, q, kv: token_type[b, q] >= 1
+        )  # flagged queries see all
+    else:
+        fn = _gemma3_image_mask_functions(token_type)[family]
+    return dict(
+        batch_size=2, q_length=12, kv_length=12, mask_function=fn, attention_mask=attention_mask,
+        allow_is_causal_skip=False,
     )  # fmt: skip
-    assert causal.resolve().monotone and window.resolve().monotone
+
+
+# family: (known without the data, monotone). In packed rows the causal part of the union with the
+# blocks is cut at the documents (transformers 5.2x remaps positions inside both layers' unions, 5.17
+# only in the global one), no longer the causal | blocks shape: the data decide
+_REMAPS = hasattr(masking_utils, "remap_positions_for_packed_sequence")
+MONOTONE = {
+    "causal": (True, True), "window": (True, True), "full": (True, True), "sliding": (True, True),
+    "packed-sliding": (not _REMAPS, True), "packed-full": (False, True), "non-monotone": (False, False),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(MONOTONE))
+def test_monotone_flag_is_exact_per_mask_family(family):
+    """The flag the kernels' schedule follows: known statically (what torch.compile gets, where the
+    data cannot be looked at) for and-compositions and causal | image blocks, else read from the data
+    in the builder's one sync; it always equals the data's truth (MixedMask's own check)."""
+    kwargs = _family_mask_kwargs(family)
+    static, expected = MONOTONE[family]
+    known = integration.CausalPaddingMask._intervals(kwargs)[2]
+    assert known == static
+    mask = integration.croc_mixed_mask(**kwargs).resolve()
+    assert isinstance(mask, croc.MixedMask) and mask.monotone == expected
+    checked = croc.MixedMask.from_intervals(mask.kv_start, mask.kv_end, mask.num_keys)  # validates
+    assert checked.monotone == expected
+    assert torch.equal(mask.to_dense(), sdpa_mask(**kwargs)[:, 0])
 
 
 @pytest.mark.parametrize(

@@ -194,11 +194,15 @@ class _Intervals:
     ``diag``: statically known to contain the query's own position whenever non-empty (what makes a
     union of two intervals an interval). ``monotone``: statically known that the non-empty intervals
     have non-decreasing ``lo`` and ``hi`` along the queries (true of every leaf; kept by ``and_``,
-    max/min of non-decreasing sequences; lost by ``or_``, where it depends on the data).
+    max/min of non-decreasing sequences; by ``or_`` only for a causal band with blocks, see there).
+    ``shape``: ``"causal"`` (every key up to ``q + s``, ``s >= 0``) or ``"block"`` (the contiguous
+    run holding the query, empty outside runs), else None.
     """
 
-    def __init__(self, lo: torch.Tensor, hi: torch.Tensor, diag: bool, monotone: bool = True) -> None:
-        self.lo, self.hi, self.diag, self.monotone = lo, hi, diag, monotone
+    def __init__(
+        self, lo: torch.Tensor, hi: torch.Tensor, diag: bool, monotone: bool = True, shape: str | None = None
+    ) -> None:
+        self.lo, self.hi, self.diag, self.monotone, self.shape = lo, hi, diag, monotone, shape
 
     def empty(self) -> torch.Tensor:
         return self.hi <= self.lo
@@ -213,7 +217,9 @@ class _Intervals:
         lo, hi = torch.minimum(self.lo, o.lo), torch.maximum(self.hi, o.hi)
         lo = torch.where(self.empty(), o.lo, torch.where(o.empty(), self.lo, lo))
         hi = torch.where(self.empty(), o.hi, torch.where(o.empty(), self.hi, hi))
-        return _Intervals(lo, hi, True, monotone=False)
+        # causal | blocks: lo stays -inf, hi is q + 1 + s outside the runs and max(q + 1 + s, run end)
+        # inside, non-decreasing as the runs are disjoint and ordered; any other union: the data decide
+        return _Intervals(lo, hi, True, monotone={self.shape, o.shape} == {"causal", "block"})
 
 
 class _Builder:
@@ -247,8 +253,12 @@ class _Builder:
             raise _Unsupported(f"leaf {e!r}")
         op = e[0]
         if op == "and" and self._is_block(e):
-            return self._same_run(e[1][1], e[1][2], nonnegative=True).and_(self.build(e[2]))
+            block = self._same_run(e[1][1], e[1][2], nonnegative=True).and_(self.build(e[2]))
+            return _Intervals(block.lo, block.hi, block.diag, shape="block")
         if op in ("and", "or"):
+            for side, other in ((e[1], e[2]), (e[2], e[1])):
+                if isinstance(side, bool) and side == (op == "and"):  # and_masks / or_masks start from it
+                    return self.build(other)
             a, b = self.build(e[1]), self.build(e[2])
             return a.and_(b) if op == "and" else a.or_(b)
         if op in ("le", "lt", "gt", "ge") and self._is_band(e):
@@ -291,7 +301,8 @@ class _Builder:
             "gt": (q + shift + 1, big),
         }[op]
         diag = (op == "le" and shift >= 0) or (op == "lt" and shift > 0) or (op == "ge" and shift <= 0)
-        return _Intervals(*bounds, diag or (op == "gt" and shift < 0))
+        causal = (op == "le" and shift >= 0) or (op == "lt" and shift > 0)
+        return _Intervals(*bounds, diag or (op == "gt" and shift < 0), shape="causal" if causal else None)
 
     def _remapped_band(self, e: Any) -> _Intervals | None:
         """A band over positions ``P[b, kv] + a OP P[b, q] + c`` (packed rows, transformers >= 5.2x; a
