@@ -441,9 +441,6 @@ class CausalPaddingMask:
     intervals in O(L), and checks the data assumptions (each id one contiguous run, one run of
     valid tokens per row) with one host sync (under torch.compile: a device-side assert instead).
     Anything else gives the dense ``sdpa_mask`` (logged once), so the attention equals ``"sdpa"``.
-    The mask's ``monotone`` flag (the kernels' range schedule) is known statically for and-compositions
-    and ``causal | image blocks``; for other unions it is read from the data in the same sync (under
-    torch.compile it stays False: the index schedule, same result).
     """
 
     def __init__(self, sdpa_kwargs: dict[str, Any]) -> None:
@@ -459,6 +456,9 @@ class CausalPaddingMask:
         return self._resolved
 
     def _build(self) -> MixedMask | torch.Tensor | None:
+        """The MixedMask, whose ``monotone`` flag (the kernels' range schedule) is known statically for
+        and-compositions and ``causal | image blocks``; for other unions it is read from the data in
+        the same sync (under torch.compile it stays False: the index schedule, same result)."""
         kw = self.sdpa_kwargs
         try:
             lo, hi, monotone, checks = self._intervals(kw)
