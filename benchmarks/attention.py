@@ -9,7 +9,11 @@ Providers (each timed on the same inputs, in the same process, on the same card)
 - ``croc-index``: the same kernels on the same inputs with the index-list schedule instead of the
   range schedule (the mask handed over with ``monotone=False``), for the A/B of ``--schedule``:
   ``range`` (default: ``croc`` only), ``index`` (``croc-index`` only), ``both``;
-- ``sdpa-dense``: SDPA with the dense boolean [B, 1, L, L] mask, what users do today;
+- ``sdpa-dense``: SDPA with the dense boolean [B, 1, L, L] mask, what users do today; for the
+  ``gemma3`` layout the dense mask transformers itself builds (``sdpa_mask``, its build time in
+  ``setup_ms``), labelled ``sdpa-hf-mask``: what ``attn_implementation="sdpa"`` runs for Gemma 3.
+  The croc mask of that layout comes from the ``"croc_mixed"`` mask builder reading the same
+  transformers mask function (its time is ``mask_build_ms``);
 - ``sdpa-causal-flash`` / ``sdpa-causal-cudnn``: SDPA with ``is_causal=True`` on one backend, a
   mask-free kernel of about the same density (its FLOPs count its own causal pairs);
 - ``flex``: compiled FlexAttention with the same mask as a BlockMask (built once per batch; its
@@ -115,10 +119,19 @@ def _croc_flex(mask: croc.MixedMask, device: str) -> tuple[Callable, float]:
     ), setup_ms
 
 
+def _dense_mask(mask: croc.MixedMask, kind: str, device: str) -> tuple[torch.Tensor, float, str]:
+    """(bool [B, 1, L, L] mask, build ms, label) of the sdpa-dense provider."""
+    if kind != "gemma3":
+        return mask.to_dense()[:, None], 0.0, "sdpa-dense"
+    build = lambda: layouts.transformers_dense_mask(mask.batch_size, mask.num_queries, device)  # noqa: E731
+    setup_ms = common.median_ms(build, device, warmup=1, reps=3)
+    return build(), setup_ms, "sdpa-hf-mask"
+
+
 def make_provider(
-    name: str, mask: croc.MixedMask, q: torch.Tensor, device: str
+    name: str, mask: croc.MixedMask, q: torch.Tensor, device: str, kind: str = ""
 ) -> tuple[Callable, float, str]:
-    """(attention fn(q, k, v, scale), setup ms, label) for one provider."""
+    """(attention fn(q, k, v, scale), setup ms, label) for one provider (``kind``: the layout)."""
     if name == "croc":
         backend = "auto" if device.startswith("cuda") else "reference"
         label = "croc" if device.startswith("cuda") else "croc-reference"
@@ -133,15 +146,15 @@ def make_provider(
             name,
         )
     if name == "sdpa-dense":
-        dense = mask.to_dense()[:, None]
+        dense, setup_ms, label = _dense_mask(mask, kind, device)
         return (
             (
                 lambda q, k, v, s: F.scaled_dot_product_attention(
                     q, k, v, attn_mask=dense, scale=s, enable_gqa=True
                 )
             ),
-            0.0,
-            name,
+            setup_ms,
+            label,
         )
     if name.startswith("sdpa-causal-"):
         if not device.startswith("cuda"):
@@ -217,7 +230,7 @@ def bench_case(
             "mask_build_ms": round(mask_build_ms, 3),
         }
         try:
-            attn, setup_ms, label = make_provider(provider, mask, q, device)
+            attn, setup_ms, label = make_provider(provider, mask, q, device, kind)
         except Unavailable as exc:
             rows.append(base | {"provider": provider, "status": f"unavailable: {exc}"})
             continue
@@ -343,7 +356,7 @@ def parse_args(argv=None):
     args.heads = [
         tuple(int(x) for x in h.split("/")) for h in quick_or(args.heads, ["4/2"], ["32/32", "28/4"])
     ]
-    args.masks = quick_or(args.masks, ["croc", "causal"], list(layouts.MASK_KINDS))
+    args.masks = quick_or(args.masks, ["croc", "causal", "gemma3"], list(layouts.MASK_KINDS))
     args.modes = args.modes or (list(MODES) if gpu else ["fwd"])
     args.providers = args.providers or list(GPU_PROVIDERS if gpu else CPU_PROVIDERS)
     if "croc" in args.providers and args.schedule != "range":

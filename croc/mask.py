@@ -71,6 +71,17 @@ def _repeated_run_values(values: torch.Tensor, starts: torch.Tensor) -> torch.Te
     return ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != sentinel)).any(dim=1)
 
 
+def _not_monotone(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """bool 0-d: some row's non-empty intervals ([B, L] ``start``/``end``) have a decreasing start or end."""
+    nonempty = end > start
+
+    def rising(t: torch.Tensor) -> torch.Tensor:
+        kept = torch.where(nonempty, t, -1)
+        return kept.cummax(dim=1).values <= kept
+
+    return (nonempty & ~(rising(start) & rising(end))).any()
+
+
 def _first_bad_row(bad: torch.Tensor) -> int:
     return int(bad.nonzero()[0, 0])
 
@@ -161,10 +172,7 @@ class MixedMask:
             return True
         start, end = kv_start.to(torch.int64), kv_end.to(torch.int64)
         bad = (start < 0) | (start > end) | (end > num_keys)
-        nonempty = end > start
-        rising = lambda t: torch.where(nonempty, t, -1).cummax(dim=1).values <= torch.where(nonempty, t, -1)  # noqa: E731
-        not_monotone = (nonempty & ~(rising(start) & rising(end))).any()
-        flags = torch.stack([bad.any(), not_monotone]).tolist()
+        flags = torch.stack([bad.any(), _not_monotone(start, end)]).tolist()
         if flags[0]:
             b, i = (int(x) for x in bad.nonzero()[0])
             raise ValueError(

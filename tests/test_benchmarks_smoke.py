@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -24,7 +25,8 @@ def test_attention_quick(tmp_path):
     rows = _run("attention.py", tmp_path)
     assert (tmp_path / "attention_cpu.png").exists()
     providers = {r["provider"] for r in rows}
-    assert {"croc-reference", "sdpa-dense", "flex-eager"} <= providers
+    assert {"croc-reference", "sdpa-dense", "sdpa-hf-mask", "flex-eager"} <= providers
+    assert {r["mask"] for r in rows} == {"croc", "causal", "gemma3"}
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == len(rows), [r["status"] for r in rows if r["status"] != "ok"]
     for row in ok:
@@ -42,6 +44,21 @@ def test_layouts_are_valid_masks(kind):
     image_query = 100  # inside the first sample's image span (prompts are < 64 tokens)
     assert dense[0, image_query, image_query + 1], "image/prefix tokens see later tokens of their span"
     assert layouts.visible_pairs(mask) == int(dense.sum())
+
+
+def test_gemma3_layout_is_transformers_sliding_layer_mask():
+    """The gemma3 layout's intervals (croc_mixed's reading of transformers' mask function) equal
+    transformers' own dense mask: causal text, bidirectional images, a window shorter than the row."""
+    sys.path.insert(0, str(BENCH))
+    import layouts
+
+    mask = layouts.build_mask(2, 900, "gemma3", "cpu")
+    dense = layouts.transformers_dense_mask(2, 900, "cpu")[:, 0]
+    assert mask.monotone and torch.equal(mask.to_dense(), dense)
+    block_ids = layouts.gemma3_block_ids(2, 900)
+    first_image = int((block_ids[0] == 0).nonzero()[0])
+    assert dense[0, first_image, first_image + 1], "image tokens see later tokens of their image"
+    assert int(dense.sum(-1).max()) < 900, "the sliding window is shorter than the row"
 
 
 def test_train_step_quick(tmp_path):

@@ -54,7 +54,7 @@ from transformers.masking_utils import (
 )
 
 from croc.attention import mixed_attention
-from croc.mask import MixedMask, _repeated_run_values
+from croc.mask import MixedMask, _not_monotone, _repeated_run_values
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -192,17 +192,24 @@ class _Intervals:
     """Per-query key sets as intervals [lo, hi) of absolute key positions, int64 [B or 1, Lq].
 
     ``diag``: statically known to contain the query's own position whenever non-empty (what makes a
-    union of two intervals an interval).
+    union of two intervals an interval). ``monotone``: statically known that the non-empty intervals
+    have non-decreasing ``lo`` and ``hi`` along the queries (true of every leaf; kept by ``and_``,
+    max/min of non-decreasing sequences; by ``or_`` only for a causal band with blocks, see there).
+    ``shape``: ``"causal"`` (every key up to ``q + s``, ``s >= 0``) or ``"block"`` (the contiguous
+    run holding the query, empty outside runs), else None.
     """
 
-    def __init__(self, lo: torch.Tensor, hi: torch.Tensor, diag: bool) -> None:
-        self.lo, self.hi, self.diag = lo, hi, diag
+    def __init__(
+        self, lo: torch.Tensor, hi: torch.Tensor, diag: bool, monotone: bool = True, shape: str | None = None
+    ) -> None:
+        self.lo, self.hi, self.diag, self.monotone, self.shape = lo, hi, diag, monotone, shape
 
     def empty(self) -> torch.Tensor:
         return self.hi <= self.lo
 
     def and_(self, o: _Intervals) -> _Intervals:
-        return _Intervals(torch.maximum(self.lo, o.lo), torch.minimum(self.hi, o.hi), self.diag and o.diag)
+        lo, hi = torch.maximum(self.lo, o.lo), torch.minimum(self.hi, o.hi)
+        return _Intervals(lo, hi, self.diag and o.diag, self.monotone and o.monotone)
 
     def or_(self, o: _Intervals) -> _Intervals:
         if not (self.diag and o.diag):
@@ -210,7 +217,9 @@ class _Intervals:
         lo, hi = torch.minimum(self.lo, o.lo), torch.maximum(self.hi, o.hi)
         lo = torch.where(self.empty(), o.lo, torch.where(o.empty(), self.lo, lo))
         hi = torch.where(self.empty(), o.hi, torch.where(o.empty(), self.hi, hi))
-        return _Intervals(lo, hi, True)
+        # causal | blocks: lo stays -inf, hi is q + 1 + s outside the runs and max(q + 1 + s, run end)
+        # inside, non-decreasing as the runs are disjoint and ordered; any other union: the data decide
+        return _Intervals(lo, hi, True, monotone={self.shape, o.shape} == {"causal", "block"})
 
 
 class _Builder:
@@ -221,6 +230,17 @@ class _Builder:
         self.checks: list[torch.Tensor] = []  # bool tensors, True where an assumption fails
         self.remapped = False
         self.packed = False
+        self.segments: torch.Tensor | None = None  # [B, N] packed-sequence ids ANDed over the whole mask
+        self._composed: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def build_root(self, e: Any) -> _Intervals:
+        """:meth:`build` for the whole mask, first noting a top-level ``X & (S[q] == S[kv])`` (packed
+        sequences): inside ``X``, values need to form one run per value only within each sequence."""
+        if isinstance(e, tuple) and e[0] == "and" and isinstance(e[2], tuple) and e[2][0] == "eq":
+            segments = self._gathered(e[2][1], "q")
+            if segments is not None and segments is self._gathered(e[2][2], "kv"):
+                self.segments = segments
+        return self.finish(self.build(e))
 
     def const(self, value: bool) -> _Intervals:
         lo = torch.full_like(self.q_pos, -_BIG if value else 0)
@@ -233,8 +253,12 @@ class _Builder:
             raise _Unsupported(f"leaf {e!r}")
         op = e[0]
         if op == "and" and self._is_block(e):
-            return self._same_run(e[1][1], e[1][2], nonnegative=True).and_(self.build(e[2]))
+            block = self._same_run(e[1][1], e[1][2], nonnegative=True).and_(self.build(e[2]))
+            return _Intervals(block.lo, block.hi, block.diag, shape="block")
         if op in ("and", "or"):
+            for side, other in ((e[1], e[2]), (e[2], e[1])):
+                if isinstance(side, bool) and side == (op == "and"):  # and_masks / or_masks start from it
+                    return self.build(other)
             a, b = self.build(e[1]), self.build(e[2])
             return a.and_(b) if op == "and" else a.or_(b)
         if op in ("le", "lt", "gt", "ge") and self._is_band(e):
@@ -277,20 +301,32 @@ class _Builder:
             "gt": (q + shift + 1, big),
         }[op]
         diag = (op == "le" and shift >= 0) or (op == "lt" and shift > 0) or (op == "ge" and shift <= 0)
-        return _Intervals(*bounds, diag or (op == "gt" and shift < 0))
+        causal = (op == "le" and shift >= 0) or (op == "lt" and shift > 0)
+        return _Intervals(*bounds, diag or (op == "gt" and shift < 0), shape="causal" if causal else None)
 
     def _remapped_band(self, e: Any) -> _Intervals | None:
-        """A band over positions ``P[b, kv] OP P[b, q]`` (packed rows, transformers >= 5.2x): the index
-        band inside the query's segment of consecutive positions; exact once ANDed with the packed
-        same-sequence mask transformers adds (required in :meth:`finish`)."""
+        """A band over positions ``P[b, kv] + a OP P[b, q] + c`` (packed rows, transformers >= 5.2x; a
+        sliding window remapped too): the index band inside the query's segment of consecutive
+        positions; exact once ANDed with the packed same-sequence mask transformers adds (required
+        in :meth:`finish`)."""
         for mirrored, (kv_side, q_side) in ((False, (e[1], e[2])), (True, (e[2], e[1]))):
-            positions = self._gathered(kv_side, "kv")
-            if positions is not None and positions is self._gathered(q_side, "q"):
-                band = self._band((e[0], "q", "kv") if mirrored else (e[0], "kv", "q"))
+            kv_positions, kv_band = self._positions(kv_side, "kv")
+            q_positions, q_band = self._positions(q_side, "q")
+            if kv_positions is not None and kv_positions is q_positions:
+                positions = kv_positions
+                band = self._band((e[0], q_band, kv_band) if mirrored else (e[0], kv_band, q_band))
                 self.remapped = True
                 segment = self._runs(torch.diff(positions, prepend=positions[:, :1] - 1) != 1, False)
                 return band.and_(segment)
         return None
+
+    def _positions(self, e: Any, sym: str) -> tuple[torch.Tensor | None, Any]:
+        """``(P, sym + c)`` if ``e`` is ``P[b, sym] + c`` (or ``- c``, or no offset), else ``(None, None)``."""
+        if isinstance(e, tuple) and e[0] in ("add", "sub") and isinstance(e[2], int):
+            positions = self._gathered(e[1], sym)
+            return (positions, (e[0], sym, e[2])) if positions is not None else (None, None)
+        positions = self._gathered(e, sym)
+        return (positions, sym) if positions is not None else (None, None)
 
     def finish(self, iv: _Intervals) -> _Intervals:
         if self.remapped and not self.packed:
@@ -312,15 +348,22 @@ class _Builder:
         return _Intervals(self._at_queries(run_start), self._at_queries(run_end), True)
 
     def _gathered(self, e: Any, sym: str) -> torch.Tensor | None:
-        """The [B, N] tensor ``T`` if ``e`` is ``T[b, sym]``."""
-        if (
-            isinstance(e, tuple)
-            and e[0] == "gather"
-            and e[2] == ("b", sym)
-            and isinstance(e[1], torch.Tensor)
-        ):
+        """The [B, N] tensor ``T`` if ``e`` is ``T[b, sym]``; ``T[b, P[b, sym]]`` (``T`` read at the
+        remapped positions ``P`` of packed rows) gives the gathered tensor, one object per (T, P)."""
+        if not (isinstance(e, tuple) and e[0] == "gather" and isinstance(e[1], torch.Tensor)):
+            return None
+        if len(e[2]) != 2 or e[2][0] != "b":
+            return None
+        if e[2][1] == sym:
             return e[1]
-        return None
+        index = self._gathered(e[2][1], sym)
+        if index is None:
+            return None
+        key = (id(e[1]), id(index))
+        if key not in self._composed:  # the tensors are kept with the result, so the ids stay unique
+            read = e[1].gather(1, index.to(torch.int64).clamp(0, e[1].shape[1] - 1))
+            self._composed[key] = (e[1], index, read)
+        return self._composed[key][2]
 
     def _at_queries(self, t: torch.Tensor) -> torch.Tensor:
         index = self.q_pos.clamp(0, t.shape[1] - 1).expand(t.shape[0], -1)
@@ -344,10 +387,17 @@ class _Builder:
         starts = torch.ones_like(values, dtype=torch.bool)
         starts[:, 1:] = values[:, 1:] != values[:, :-1]
         self.packed = self.packed or not nonnegative
+        if not nonnegative:
+            return self._runs(starts, values)
         checked = torch.where(
             values >= 0, values, torch.arange(values.shape[1], device=values.device) - values.shape[1]
         )
-        return self._runs(starts, checked if nonnegative else values)
+        if self.segments is not None:  # one run per value and packed sequence: key (sequence, value)
+            segments = self.segments.to(torch.int64)
+            starts[:, 1:] |= segments[:, 1:] != segments[:, :-1]
+            low = checked.min()
+            checked = segments * (checked.max() - low + 1) + (checked - low)
+        return self._runs(starts, checked)
 
     def _query_predicate(self, a: Any, c: int) -> _Intervals:
         """``T[b, q] >= c``: every key or none."""
@@ -406,31 +456,41 @@ class CausalPaddingMask:
         return self._resolved
 
     def _build(self) -> MixedMask | torch.Tensor | None:
+        """The MixedMask, whose ``monotone`` flag (the kernels' range schedule) is known statically for
+        and-compositions and ``causal | image blocks``; for other unions it is read from the data in
+        the same sync (under torch.compile it stays False: the index schedule, same result)."""
         kw = self.sdpa_kwargs
         try:
-            mask, checks = self._intervals(kw)
+            lo, hi, monotone, checks = self._intervals(kw)
         except _Unsupported as why:
             _log_fallback_once(str(why))
             return sdpa_mask(**kw)
-        if checks:
-            bad = torch.stack([c.any() for c in checks]).any()
-            if torch.compiler.is_compiling():
+        bad = torch.stack([c.any() for c in checks]).any() if checks else None
+        if torch.compiler.is_compiling():  # no host sync: data-dependent monotonicity stays False
+            if bad is not None:
                 torch._assert_async(
                     ~bad, "croc_mixed: ids not contiguous runs or padding holes under compile"
                 )
-            elif bool(bad):
+        elif bad is not None or not monotone:
+            flags = [bad if bad is not None else torch.zeros((), dtype=torch.bool, device=lo.device)]
+            flags += [] if monotone else [_not_monotone(lo, hi)]
+            values = torch.stack(flags).tolist()  # the one host sync of this forward and mask type
+            if values[0]:
                 _log_fallback_once("padding holes or non-contiguous ids")
                 return sdpa_mask(**kw)
-        return mask
+            monotone = monotone or not values[1]
+        return MixedMask.from_intervals(lo, hi, kw["kv_length"], validate=False, monotone=monotone)
 
     @staticmethod
-    def _intervals(kw: dict[str, Any]) -> tuple[MixedMask, list[torch.Tensor]]:
+    def _intervals(kw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, bool, list[torch.Tensor]]:
+        """int64 [B, Lq] key intervals (empty ones as [0, 0)), whether they are statically known to be
+        monotone, and the bool tensors of the data assumptions (True where one fails)."""
         device = kw.get("device", "cpu")
         q_offset, kv_offset, kv_length = kw.get("q_offset", 0), kw.get("kv_offset", 0), kw["kv_length"]
         q_pos = torch.arange(kw["q_length"], device=device, dtype=torch.int64) + q_offset
         builder = _Builder(q_pos)
         expr = _trace_mask_function(kw.get("mask_function", causal_mask_function))
-        iv = builder.finish(builder.build(expr))
+        iv = builder.build_root(expr)
         padding = _padding_intervals(kw, builder)
         if padding is not None:
             iv = iv.and_(_Intervals(padding.lo.to(device), padding.hi.to(device), False))
@@ -439,7 +499,7 @@ class CausalPaddingMask:
         lo, hi = lo.expand(kw["batch_size"], -1), hi.expand(kw["batch_size"], -1)
         empty = hi <= lo
         lo, hi = torch.where(empty, 0, lo), torch.where(empty, 0, hi)
-        return MixedMask.from_intervals(lo, hi, kv_length, validate=False), builder.checks
+        return lo, hi, iv.monotone, builder.checks
 
 
 def croc_mixed_mask(mask_function=causal_mask_function, **kwargs: Any) -> CausalPaddingMask:
@@ -451,10 +511,14 @@ def croc_mixed_mask(mask_function=causal_mask_function, **kwargs: Any) -> Causal
     return CausalPaddingMask(dict(kwargs, mask_function=mask_function))
 
 
-def _fit_to_call(mask: MixedMask, q_length: int, kv_length: int) -> MixedMask:
+def _fit_to_call(mask: MixedMask, batch: int, q_length: int, kv_length: int) -> MixedMask:
     """The ``croc_mask`` rows of this call's queries (its last ``q_length``), over ``kv_length`` keys."""
     if not isinstance(mask, MixedMask):
         raise TypeError(f"croc_mask must be a croc.MixedMask, got {type(mask).__name__}")
+    if mask.kv_start.shape[0] != batch:
+        raise ValueError(
+            f"croc_mask has {mask.kv_start.shape[0]} rows, but this attention call has batch {batch}"
+        )
     if mask.num_queries < q_length or mask.num_keys > kv_length:
         raise ValueError(
             f"croc_mask covers {mask.num_queries} queries x {mask.num_keys} keys, but this attention call "
@@ -464,7 +528,7 @@ def _fit_to_call(mask: MixedMask, q_length: int, kv_length: int) -> MixedMask:
         return mask
     start = mask.kv_start[:, mask.num_queries - q_length :]
     end = mask.kv_end[:, mask.num_queries - q_length :]
-    return MixedMask.from_intervals(start, end, kv_length, validate=False)
+    return MixedMask.from_intervals(start, end, kv_length, validate=False, monotone=mask.monotone)
 
 
 def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -492,7 +556,8 @@ def croc_mixed_attention(
     """Attention function registered in ``AttentionInterface`` as ``"croc_mixed"``.
 
     Args:
-        module: the calling attention module (read for ``sliding_window``).
+        module: the calling attention module (read for ``sliding_window``; Mistral and Qwen2 pass it
+            as the ``sliding_window`` kwarg instead).
         query: [B, Hq, Lq, D]; key, value: [B, Hkv, Lk, D] (GQA handled by croc, no repetition).
         attention_mask: what :func:`croc_mixed_mask` built: a CausalPaddingMask, a dense bool mask or None.
         dropout: must be 0 on the croc path (no attention dropout in the kernels).
@@ -504,9 +569,9 @@ def croc_mixed_attention(
         ([B, Lq, Hq, D] attention output, None) — the layout transformers expects.
     """
     if croc_mask is not None:
-        if getattr(module, "sliding_window", None) is not None:
+        if getattr(module, "sliding_window", None) is not None or kwargs.get("sliding_window") is not None:
             raise ValueError("croc_mask cannot be used on a sliding-window attention layer")
-        mask = _fit_to_call(croc_mask, query.shape[2], key.shape[2])
+        mask = _fit_to_call(croc_mask, query.shape[0], query.shape[2], key.shape[2])
     else:
         if isinstance(attention_mask, CausalPaddingMask):
             attention_mask = attention_mask.resolve()
