@@ -460,12 +460,16 @@ def croc_mixed_mask(mask_function=causal_mask_function, **kwargs: Any) -> Causal
     Takes the keyword arguments of transformers' ``sdpa_mask`` and returns a lazy
     :class:`CausalPaddingMask`, resolved once per forward (per mask type) by the first layer using it.
     An ``attention_mask`` that is itself a CausalPaddingMask (prepared by ``generate()`` for a static
-    cache) stands for the 2D padding mask it was built from.
+    cache) stands for the 2D padding mask it was built from. That 2D mask is kept padded to
+    ``kv_offset + kv_length`` keys, so every decoding step over a static cache hands a compiled
+    forward the same shape (no recompilation as the sequence grows).
     """
-    prepared = kwargs.get("attention_mask")
-    if isinstance(prepared, CausalPaddingMask):
-        kwargs["attention_mask"] = prepared.sdpa_kwargs.get("attention_mask")
-    return CausalPaddingMask(dict(kwargs, mask_function=mask_function))
+    padding = kwargs.get("attention_mask")
+    if isinstance(padding, CausalPaddingMask):
+        padding = padding.sdpa_kwargs.get("attention_mask")
+    elif isinstance(padding, torch.Tensor):
+        padding = prepare_padding_mask(padding, kwargs["kv_length"], kwargs.get("kv_offset", 0))
+    return CausalPaddingMask(dict(kwargs, attention_mask=padding, mask_function=mask_function))
 
 
 def _fit_to_call(mask: MixedMask, q_length: int, kv_length: int) -> MixedMask:

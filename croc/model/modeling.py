@@ -206,6 +206,15 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         for module in training:
             module.requires_grad_(True)
 
+    @staticmethod
+    def create_masks_for_generate(
+        attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor | None:
+        """What ``generate()`` with a static cache hands the forward as ``attention_mask``: the 2D
+        padding mask itself (int/bool [B, L so far]), not masks prepared ahead, because the forward
+        builds the prefill's mixed mask from it; decoding steps then build theirs as with any cache."""
+        return attention_mask
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters the current stage trains (``requires_grad``), for the optimizer."""
         return [p for p in self.parameters() if p.requires_grad]
