@@ -12,7 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.backends.debugging import aot_eager
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 import croc.integrations.transformers as integration
 from croc.integrations.transformers import ATTN_IMPLEMENTATION
@@ -60,19 +67,29 @@ class RecordingBackend:
         return count
 
 
-def _llama():
+def _text_model(name: str = "llama"):
+    """A tiny causal LM: Llama, Mistral (sliding window 8) or Gemma 3 text (a sliding layer of
+    window 4, then a global one); head_dim 64 (a size the Triton kernels take), 2 query heads on
+    1 KV head (GQA)."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-    )  # fmt: skip  (head_dim 64: a size the Triton kernels take; 2 query heads on 1 KV head: GQA)
-    return LlamaForCausalLM(config)
+    model_cls, config_cls, extra = TEXT_MODELS[name]
+    config = config_cls(
+        hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, vocab_size=VOCAB, max_position_embeddings=128,
+        pad_token_id=0, **extra,
+    )  # fmt: skip
+    return model_cls(config)
+
+
+TEXT_MODELS = {
+    "llama": (LlamaForCausalLM, LlamaConfig, {}),
+    "mistral": (MistralForCausalLM, MistralConfig, {"sliding_window": 8}),
+    "gemma3": (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    ),
+}
 
 
 def _packed(lengths):
@@ -109,11 +126,19 @@ def _assert_same(got, expected, tol):
         torch.testing.assert_close(got[1][name], grad, rtol=tol, atol=tol, msg=name)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("kind", sorted(LAYOUTS))
-def test_compiled_llama_equals_eager_with_no_graph_break_and_no_recompile(backend, kind):
-    """Forward and backward of a whole Llama, one graph, compiled once for batches of new layouts."""
-    model = _llama()
+@pytest.mark.parametrize(
+    ("name", "kind", "backend"),
+    [
+        ("llama", "packing", "reference"),
+        ("llama", "padding", "reference"),
+        ("mistral", "padding", "reference"),  # sliding window 8 < 32 tokens
+        ("llama", "packing", "triton"),  # the Triton kernels under the interpreter
+        ("llama", "padding", "triton"),
+    ],
+)
+def test_compiled_text_model_equals_eager_with_no_graph_break_and_no_recompile(name, kind, backend):
+    """Forward and backward of a whole LM, one graph, compiled once for batches of new layouts."""
+    model = _text_model(name)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     ids = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(1))
 
@@ -212,34 +237,44 @@ def _generate(model, implementation, **kwargs):
 NEW_TOKENS = 6
 
 
-def test_static_cache_generation_equals_sdpa(croc_calls):
-    """generate() with a static cache (fixed key length, empty slots, a tensor query offset) runs
-    the croc kernels in the prefill and in every decoding step and gives sdpa's tokens and scores."""
-    model = _llama().eval()
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_static_cache_generation_equals_sdpa(croc_calls, name):
+    """generate() with a static cache (fixed key length, empty slots, a tensor query offset; for
+    Gemma 3 also a sliding layer's ring buffer of 4 slots) runs the croc kernels in the prefill and
+    in every decoding step and gives sdpa's tokens and scores."""
+    model = _text_model(name).eval()
     expected = _generate(model, "sdpa")
     got = _generate(model, ATTN_IMPLEMENTATION)
-    assert len(croc_calls) == NEW_TOKENS * model.config.num_hidden_layers, "croc path not taken"
-    prefill, last = croc_calls[0], croc_calls[-1]
+    layers = model.config.num_hidden_layers
+    assert len(croc_calls) == NEW_TOKENS * layers, "croc path not taken"
+    prefill, last = croc_calls[layers - 1], croc_calls[-1]  # the last layer (Gemma 3: its global one)
     assert (prefill.num_queries, prefill.num_keys) == (12, 12 + NEW_TOKENS - 1), "not a static cache"
     assert (last.num_queries, last.num_keys) == (1, 12 + NEW_TOKENS - 1)
     assert torch.equal(got[0], expected[0])
     torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
 
 
-def test_static_cache_compiled_decoding_equals_sdpa_and_compiles_once():
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_static_cache_compiled_decoding_equals_sdpa_and_compiles_as_often(name):
     """What generate() does on a GPU with a static cache: the decoding forward compiled (fullgraph),
     here forced on the CPU. The padding mask croc keeps has the static cache's length, so the
-    decoding steps share one graph as the sequence grows."""
+    decoding steps share one graph as the sequence grows (Llama: one graph). Gemma 3 compiles twice
+    with sdpa too: transformers guards on the sliding layer's ring buffer filling up."""
     from transformers.generation import CompileConfig
 
-    model = _llama().eval()
-    expected = _generate(model, "sdpa")
-    recorder = RecordingBackend()
-    compile_config = CompileConfig(backend=recorder, fullgraph=True, mode="default")
-    compile_config._compile_all_devices = True  # compile on the CPU too (transformers' testing switch)
-    got = _generate(model, ATTN_IMPLEMENTATION, compile_config=compile_config)
-    assert len(recorder.graphs) == 1, "decoding steps recompiled"
-    assert recorder.croc_attention_calls() == model.config.num_hidden_layers, "croc path not compiled"
+    model = _text_model(name).eval()
+    results, recorders = {}, {}
+    for implementation in ("sdpa", ATTN_IMPLEMENTATION):
+        recorders[implementation] = RecordingBackend()
+        compile_config = CompileConfig(backend=recorders[implementation], fullgraph=True, mode="default")
+        compile_config._compile_all_devices = True  # compile on the CPU too (transformers' testing switch)
+        results[implementation] = _generate(model, implementation, compile_config=compile_config)
+    graphs = len(recorders[ATTN_IMPLEMENTATION].graphs)
+    assert graphs == len(recorders["sdpa"].graphs), "croc_mixed recompiled where sdpa did not"
+    assert name != "llama" or graphs == 1
+    calls = recorders[ATTN_IMPLEMENTATION].croc_attention_calls()
+    assert calls == graphs * model.config.num_hidden_layers, "croc path not compiled"
+    got, expected = results[ATTN_IMPLEMENTATION], results["sdpa"]
     assert torch.equal(got[0], expected[0])
     torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
 
