@@ -22,8 +22,10 @@ from transformers import (
 )
 
 import croc.integrations.transformers as integration
+from croc import PromptTokenPool
 from croc.integrations.transformers import ATTN_IMPLEMENTATION
 from croc.model import TINY_IMAGE_TOKEN_ID, CrocLlavaForConditionalGeneration, tiny_config
+from croc.model.ragged import image_runs, image_runs_match
 
 VOCAB = 96
 LENGTH = 32
@@ -159,6 +161,29 @@ def test_compiled_text_model_equals_eager_with_no_graph_break_and_no_recompile(n
     assert recorder.croc_attention_calls() == model.config.num_hidden_layers, "croc path not compiled"
 
 
+def test_compiled_padding_hole_is_an_error_not_a_recompile_or_a_wrong_mask():
+    """The builder's data check (one contiguous run of valid tokens per row) is a device-side
+    assert under compile: a padding hole (which eager mode sends to the dense SDPA mask) stops the
+    compiled step with an error, without a host sync or a guard that would recompile."""
+    model = _text_model().eval()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    ids = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(1))
+
+    def step(ids, attention_mask):
+        return model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    holes = _padded(3, 5)["attention_mask"]
+    holes[0, 10] = 0
+    with torch.no_grad():
+        compiled(ids, _padded(3, 5)["attention_mask"])
+        with (
+            torch._dynamo.config.patch(error_on_recompile=True),
+            pytest.raises(RuntimeError, match="padding holes"),
+        ):
+            compiled(ids, holes)
+
+
 def _croc_batch(image_starts, seed):
     """Two rows of LENGTH + 8 tokens, one image each at ``image_starts``; captions supervised from 30 on."""
     gen = torch.Generator().manual_seed(seed)
@@ -170,22 +195,34 @@ def _croc_batch(image_starts, seed):
     return ids, torch.ones_like(ids), torch.randn(2, 3, 16, 16, generator=gen), labels
 
 
-def test_compiled_croc_stage_equals_eager_with_no_graph_break_and_no_recompile():
+@pytest.mark.parametrize(
+    ("validate_masks", "given_replace_mask"),
+    [(False, False), (True, True)],  # the random replace mask of training; one given, ragged per image
+)
+def test_compiled_croc_stage_equals_eager_with_no_graph_break_and_no_recompile(
+    validate_masks, given_replace_mask
+):
     """A Croc training step (pool replacement with Hungarian assignment, mixed mask, reconstruction
-    loss) in one graph, compiled once for batches whose images sit elsewhere in the rows.
+    loss) in one graph, compiled once for batches whose images sit elsewhere in the rows. Under
+    compile the layout checks of ``validate_masks`` are device-side asserts and a given replace
+    mask needs no host sync for its counts.
 
-    ``validate_masks=False``: the layout checks are host syncs (graph breaks). The eager warm-up
-    also installs transformers' output-capturing hooks on the vision tower, which a model's first
-    call with ``output_hidden_states`` does under a ``threading.Lock`` that dynamo cannot trace
-    (transformers' graph break, not croc's)."""
+    The eager step first also installs transformers' output-capturing hooks on the vision tower,
+    which a model's first call with ``output_hidden_states`` does under a ``threading.Lock`` that
+    dynamo cannot trace (transformers' graph break, not croc's: a cold compile breaks there)."""
     torch.manual_seed(0)
-    config = tiny_config("llama", stage="croc", validate_masks=False, attention_backend="reference")
+    config = tiny_config("llama", stage="croc", validate_masks=validate_masks, attention_backend="reference")
     model = CrocLlavaForConditionalGeneration(config)
+    replace_mask = None
+    if given_replace_mask:
+        replace_mask = torch.zeros(2, IMAGE_TOKENS, dtype=torch.bool)
+        replace_mask[0, :12], replace_mask[1, 3:8] = True, True
 
     def step(ids, attention_mask, pixel_values, labels):
         return model(
-            input_ids=ids, attention_mask=attention_mask, pixel_values=pixel_values, labels=labels
-        ).loss
+            input_ids=ids, attention_mask=attention_mask, pixel_values=pixel_values, labels=labels,
+            replace_mask=replace_mask,
+        ).loss  # fmt: skip
 
     def loss_and_grads(fn, batch):
         model.zero_grad()
@@ -205,6 +242,48 @@ def test_compiled_croc_stage_equals_eager_with_no_graph_break_and_no_recompile()
         assert {"prompt_pool.tokens", "reconstruction_head.output.weight"} <= got[1].keys()
     assert len(recorder.graphs) == 1
     assert recorder.croc_attention_calls() == config.text_config.num_hidden_layers, "croc path not compiled"
+
+
+@pytest.mark.parametrize(
+    ("starts", "counts"),
+    [
+        ([[1, 9]], [4, 4]),
+        ([[1], [0]], [4, 4]),
+        ([[1, 5]], [4, 4]),  # the two images touch: one run of 8
+        ([[1, 9]], [4, 3]),
+        ([[1, 9]], [4]),
+        ([[1]], [4, 4]),
+    ],
+)
+def test_image_runs_match_agrees_with_the_eager_check(starts, counts):
+    """The compile-time image-token check (static shapes) says what the eager one (runs counted on the host) says."""
+    image_mask = torch.zeros(len(starts), 16, dtype=torch.bool)
+    for row, row_starts in enumerate(starts):
+        for start in row_starts:
+            image_mask[row, start : start + 4] = True
+    eager = image_runs(image_mask).tolist() == counts
+    assert bool(image_runs_match(image_mask, counts)) == eager
+    assert eager == (starts in ([[1, 9]], [[1], [0]]) and counts == [4, 4])
+
+
+@pytest.mark.parametrize("assignment", ["hungarian", "nearest"])
+def test_compiled_pool_with_a_ragged_replace_mask_equals_eager(assignment):
+    """PromptTokenPool with a given replace mask (rows selecting different counts): no host sync for
+    the counts under compile (every row padded to all tokens), the same tokens, columns and gradients."""
+    torch.manual_seed(0)
+    pool = PromptTokenPool(num_tokens=8, dim=8, assignment=assignment)  # fewer pool tokens than row tokens
+    tokens = torch.randn(3, 10, 8, requires_grad=True)
+    replace_mask = torch.rand(3, 10, generator=torch.Generator().manual_seed(3)) < 0.5
+    replace_mask[2] = False  # a row replacing nothing
+    compiled = torch.compile(pool, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (pool, compiled):
+        new_tokens, cols = fn(tokens, replace_mask)
+        grads = torch.autograd.grad(new_tokens.pow(2).sum(), (tokens, pool.tokens))
+        results.append((new_tokens.detach(), cols, *grads))
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert (results[1][1] >= 0).sum(dim=1).tolist() == replace_mask.sum(dim=1).tolist()
 
 
 @pytest.fixture

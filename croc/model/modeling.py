@@ -40,7 +40,14 @@ import croc.integrations.transformers as croc_transformers
 from croc.mask import MixedMask
 from croc.model.config import STAGES, CrocLlavaConfig
 from croc.model.losses import IGNORE_INDEX, ReconstructionHead, causal_lm_loss, reconstruction_loss
-from croc.model.ragged import ImageLayout, image_layout, image_runs, random_selection, sample_groups
+from croc.model.ragged import (
+    ImageLayout,
+    image_layout,
+    image_runs,
+    image_runs_match,
+    random_selection,
+    sample_groups,
+)
 from croc.pool import PromptTokenPool, random_replace_mask
 
 __all__ = ["CrocLlavaForConditionalGeneration", "CrocLlavaOutput", "prefix_span_ids"]
@@ -268,7 +275,13 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         With ``validate_masks`` the runs of image tokens must match the images' token counts."""
         flat = image_mask.reshape(-1)
         total = sum(counts)
-        if self.config.validate_masks:
+        if self.config.validate_masks and torch.compiler.is_compiling():  # no host sync, no graph break
+            torch._assert_async(
+                image_runs_match(image_mask, counts),
+                "input_ids: the runs of image tokens do not match the images' visual token counts "
+                "(run the step eagerly for the image and the counts)",
+            )
+        elif self.config.validate_masks:
             if int(flat.sum()) != total:
                 raise ValueError(
                     f"input_ids hold {int(flat.sum())} image tokens but pixel_values give {total} visual tokens"
