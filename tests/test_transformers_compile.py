@@ -205,11 +205,9 @@ def test_compiled_croc_stage_equals_eager_with_no_graph_break_and_no_recompile(
     """A Croc training step (pool replacement with Hungarian assignment, mixed mask, reconstruction
     loss) in one graph, compiled once for batches whose images sit elsewhere in the rows. Under
     compile the layout checks of ``validate_masks`` are device-side asserts and a given replace
-    mask needs no host sync for its counts.
-
-    The eager step first also installs transformers' output-capturing hooks on the vision tower,
-    which a model's first call with ``output_hidden_states`` does under a ``threading.Lock`` that
-    dynamo cannot trace (transformers' graph break, not croc's: a cold compile breaks there)."""
+    mask needs no host sync for its counts. The first step is compiled cold: the model installs
+    transformers' output-capturing hooks at construction (transformers would on the first call,
+    under a ``threading.Lock`` dynamo cannot trace: a graph break)."""
     torch.manual_seed(0)
     config = tiny_config("llama", stage="croc", validate_masks=validate_masks, attention_backend="reference")
     model = CrocLlavaForConditionalGeneration(config)
@@ -235,9 +233,9 @@ def test_compiled_croc_stage_equals_eager_with_no_graph_break_and_no_recompile(
     compiled = torch.compile(step, backend=recorder, fullgraph=True)
     for i, starts in enumerate([(2, 10), (20, 0), (5, 6)]):
         batch = _croc_batch(starts, seed=i)
-        expected = loss_and_grads(step, batch)
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             got = loss_and_grads(compiled, batch)
+        expected = loss_and_grads(step, batch)
         _assert_same(got, expected, tol=1e-5)
         assert {"prompt_pool.tokens", "reconstruction_head.output.weight"} <= got[1].keys()
     assert len(recorder.graphs) == 1

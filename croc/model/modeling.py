@@ -55,6 +55,17 @@ __all__ = ["CrocLlavaForConditionalGeneration", "CrocLlavaOutput", "prefix_span_
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+def _install_output_hooks(module: torch.nn.Module) -> None:
+    """Install transformers' output-capturing hooks (``output_hidden_states``) now. transformers
+    installs them on a model's first such call, under a ``threading.Lock`` that torch.compile
+    cannot trace: a graph break in the first compiled step, and a recompile after it."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # a transformers without it captures outputs some other way
+        return
+    maybe_install_capturing_hooks(module)
+
+
 @dataclass
 class CrocLlavaOutput(CausalLMOutputWithPast):
     """Causal LM output (``loss``, ``logits`` [B, L', V], the KV cache, ``hidden_states``,
@@ -147,6 +158,7 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.post_init()
         self.set_attn_implementation({"text_config": croc_transformers.ATTN_IMPLEMENTATION})
         self.set_stage(config.stage)
+        _install_output_hooks(self.model.vision_tower)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> CrocLlavaForConditionalGeneration:
