@@ -134,8 +134,7 @@ def _assert_same(got, expected, tol):
         ("llama", "packing", "reference"),
         ("llama", "padding", "reference"),
         ("mistral", "padding", "reference"),  # sliding window 8 < 32 tokens
-        ("llama", "packing", "triton"),  # the Triton kernels under the interpreter
-        ("llama", "padding", "triton"),
+        ("llama", "packing", "triton"),  # the Triton kernels under the interpreter (slow: 2 layouts)
     ],
 )
 def test_compiled_text_model_equals_eager_with_no_graph_break_and_no_recompile(name, kind, backend):
@@ -152,7 +151,7 @@ def test_compiled_text_model_equals_eager_with_no_graph_break_and_no_recompile(n
 
     recorder = RecordingBackend()
     compiled = torch.compile(step, backend=recorder, fullgraph=True)
-    for i, layout in enumerate(LAYOUTS[kind]):
+    for i, layout in enumerate(LAYOUTS[kind][: 2 if backend == "triton" else None]):
         args = (ids, layout["position_ids"], layout["attention_mask"])
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             got = _logits_and_grads(compiled, model, *args)
