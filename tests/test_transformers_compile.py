@@ -1,5 +1,5 @@
-"""torch.compile of whole models with "croc_mixed" (tiny Llama, Croc LLaVA stage "croc"), and generate()
-with a static cache (tiny configs, CPU).
+"""torch.compile of whole models with "croc_mixed" (tiny Llama, Mistral, the Croc LLaVA stage "croc"),
+and generate() with a static cache (Llama, Gemma 3 text, Croc LLaVA); tiny configs, CPU.
 
 Compiled with the ``aot_eager`` backend: dynamo's graph capture and AOT autograd's joint graph, as
 inductor gets them, without inductor's C++ code generation (minutes on a 2-core CPU). A recording
@@ -134,7 +134,7 @@ def _assert_same(got, expected, tol):
         ("llama", "packing", "reference"),
         ("llama", "padding", "reference"),
         ("mistral", "padding", "reference"),  # sliding window 8 < 32 tokens
-        ("llama", "packing", "triton"),  # the Triton kernels under the interpreter (slow: 2 layouts)
+        ("llama", "packing", "triton"),  # Triton kernels, interpreted: 2 layouts (it is slow)
     ],
 )
 def test_compiled_text_model_equals_eager_with_no_graph_break_and_no_recompile(name, kind, backend):
