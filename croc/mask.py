@@ -262,6 +262,13 @@ class MixedMask:
         continues_span = in_span[:, 1:] & (span[:, 1:] == span[:, :-1])
         crosses_doc = (continues_span & (seg[:, 1:] != seg[:, :-1])).any(dim=1)
         flags = torch.stack([span_on_pad, split_doc, split_span, crosses_doc])
+        if torch.compiler.is_compiling():  # a device-side assert: no host sync, no graph break
+            torch._assert_async(
+                ~flags.any(),
+                "span_ids/segment_ids/attention_mask: malformed layout (a split span or document, a span "
+                "on padding or across documents); build the mask eagerly for the row and the reason",
+            )
+            return
         if not bool(flags.any()):
             return
         if bool(span_on_pad.any()):

@@ -150,13 +150,15 @@ class PromptTokenPool(nn.Module):
         """
         _check_inputs(tokens, replace_mask, self.dim)
         batch, length, dim = tokens.shape
-        if num_replaced is None:
+        if num_replaced is not None:
+            counts, width = None, int(num_replaced)
+        elif torch.compiler.is_compiling():  # no host sync: every row's slots padded to all N tokens
+            counts, width = replace_mask.sum(dim=1), length
+        else:
             counts = replace_mask.sum(dim=1)  # [B]
             width = int(counts.max()) if batch else 0
-        else:
-            counts, width = None, int(num_replaced)
         if self.assignment == "hungarian" and width > self.num_tokens:
-            self._raise_too_many(counts, width)
+            self._check_not_too_many(counts, width)
         positions = (~replace_mask).to(torch.int8).argsort(dim=1, stable=True)[:, :width]  # [B, n]
         gather_index = positions.unsqueeze(-1).expand(batch, width, dim)
         selected = tokens.gather(1, gather_index)
@@ -182,6 +184,16 @@ class PromptTokenPool(nn.Module):
                 return chosen
             used = torch.arange(selected.shape[1], device=selected.device) < counts.unsqueeze(1)
             return chosen.masked_fill(~used, -1)
+
+    def _check_not_too_many(self, counts: torch.Tensor | None, width: int) -> None:
+        if counts is not None and torch.compiler.is_compiling():  # a device-side assert, no sync
+            torch._assert_async(
+                (counts <= self.num_tokens).all(),
+                f"hungarian assignment needs at most num_tokens={self.num_tokens} replaced tokens per "
+                "row of replace_mask; use a larger pool, fewer replaced tokens, or assignment='nearest'",
+            )
+        else:
+            self._raise_too_many(counts, width)
 
     def _raise_too_many(self, counts: torch.Tensor | None, width: int) -> None:
         row = 0 if counts is None else int((counts > self.num_tokens).nonzero()[0, 0])

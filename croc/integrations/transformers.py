@@ -441,12 +441,24 @@ class CausalPaddingMask:
     intervals in O(L), and checks the data assumptions (each id one contiguous run, one run of
     valid tokens per row) with one host sync (under torch.compile: a device-side assert instead).
     Anything else gives the dense ``sdpa_mask`` (logged once), so the attention equals ``"sdpa"``.
+
+    ``generate()`` with a static cache builds the masks ahead of each step and hands them to the
+    model as its ``attention_mask``; ``ndim``/``shape`` make transformers take this object for such
+    a prepared mask, and :func:`croc_mixed_mask` rebuilds from the 2D padding mask it holds.
     """
+
+    ndim = 4  # a prepared [B, 1, Lq, Lk] mask to transformers' mask preprocessing
 
     def __init__(self, sdpa_kwargs: dict[str, Any]) -> None:
         self.sdpa_kwargs = sdpa_kwargs
         self._resolved: MixedMask | torch.Tensor | None = None
         self._done = False
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, 1, Lq, Lk) of the mask this stands for."""
+        kw = self.sdpa_kwargs
+        return (kw["batch_size"], 1, kw["q_length"], kw["kv_length"])
 
     def resolve(self) -> MixedMask | torch.Tensor | None:
         """MixedMask (int32 [B, Lq] intervals), or the dense bool [B, 1, Lq, Lk] mask / None of ``sdpa_mask``."""
@@ -507,8 +519,17 @@ def croc_mixed_mask(mask_function=causal_mask_function, **kwargs: Any) -> Causal
 
     Takes the keyword arguments of transformers' ``sdpa_mask`` and returns a lazy
     :class:`CausalPaddingMask`, resolved once per forward (per mask type) by the first layer using it.
+    An ``attention_mask`` that is itself a CausalPaddingMask (prepared by ``generate()`` for a static
+    cache) stands for the 2D padding mask it was built from. That 2D mask is kept padded to
+    ``kv_offset + kv_length`` keys, so every decoding step over a static cache hands a compiled
+    forward the same shape (no recompilation as the sequence grows).
     """
-    return CausalPaddingMask(dict(kwargs, mask_function=mask_function))
+    padding = kwargs.get("attention_mask")
+    if isinstance(padding, CausalPaddingMask):
+        padding = padding.sdpa_kwargs.get("attention_mask")
+    elif isinstance(padding, torch.Tensor):
+        padding = prepare_padding_mask(padding, kwargs["kv_length"], kwargs.get("kv_offset", 0))
+    return CausalPaddingMask(dict(kwargs, attention_mask=padding, mask_function=mask_function))
 
 
 def _fit_to_call(mask: MixedMask, batch: int, q_length: int, kv_length: int) -> MixedMask:

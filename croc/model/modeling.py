@@ -40,12 +40,30 @@ import croc.integrations.transformers as croc_transformers
 from croc.mask import MixedMask
 from croc.model.config import STAGES, CrocLlavaConfig
 from croc.model.losses import IGNORE_INDEX, ReconstructionHead, causal_lm_loss, reconstruction_loss
-from croc.model.ragged import ImageLayout, image_layout, image_runs, random_selection, sample_groups
+from croc.model.ragged import (
+    ImageLayout,
+    image_layout,
+    image_runs,
+    image_runs_match,
+    random_selection,
+    sample_groups,
+)
 from croc.pool import PromptTokenPool, random_replace_mask
 
 __all__ = ["CrocLlavaForConditionalGeneration", "CrocLlavaOutput", "prefix_span_ids"]
 
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _install_output_hooks(module: torch.nn.Module) -> None:
+    """Install transformers' output-capturing hooks (``output_hidden_states``) now. transformers
+    installs them on a model's first such call, under a ``threading.Lock`` that torch.compile
+    cannot trace: a graph break in the first compiled step, and a recompile after it."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # a transformers without it captures outputs some other way
+        return
+    maybe_install_capturing_hooks(module)
 
 
 @dataclass
@@ -140,6 +158,7 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.post_init()
         self.set_attn_implementation({"text_config": croc_transformers.ATTN_IMPLEMENTATION})
         self.set_stage(config.stage)
+        _install_output_hooks(self.model.vision_tower)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> CrocLlavaForConditionalGeneration:
@@ -206,6 +225,15 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         for module in training:
             module.requires_grad_(True)
 
+    @staticmethod
+    def create_masks_for_generate(
+        attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor | None:
+        """What ``generate()`` with a static cache hands the forward as ``attention_mask``: the 2D
+        padding mask itself (int/bool [B, L so far]), not masks prepared ahead, because the forward
+        builds the prefill's mixed mask from it; decoding steps then build theirs as with any cache."""
+        return attention_mask
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters the current stage trains (``requires_grad``), for the optimizer."""
         return [p for p in self.parameters() if p.requires_grad]
@@ -259,7 +287,13 @@ class CrocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         With ``validate_masks`` the runs of image tokens must match the images' token counts."""
         flat = image_mask.reshape(-1)
         total = sum(counts)
-        if self.config.validate_masks:
+        if self.config.validate_masks and torch.compiler.is_compiling():  # no host sync, no graph break
+            torch._assert_async(
+                image_runs_match(image_mask, counts),
+                "input_ids: the runs of image tokens do not match the images' visual token counts "
+                "(run the step eagerly for the image and the counts)",
+            )
+        elif self.config.validate_masks:
             if int(flat.sum()) != total:
                 raise ValueError(
                     f"input_ids hold {int(flat.sum())} image tokens but pixel_values give {total} visual tokens"

@@ -62,6 +62,22 @@ def image_runs(image_mask: torch.Tensor) -> torch.Tensor:
     return lengths.index_add_(0, run_of_token[flat_mask], torch.ones_like(run_of_token[flat_mask]))
 
 
+def image_runs_match(image_mask: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """bool 0-d tensor: the runs of image tokens of ``image_mask`` [B, L] (row-major, never
+    crossing rows) are exactly ``len(counts)`` runs of lengths ``counts``. Static shapes, no host
+    sync (the check :func:`image_runs` makes eagerly, for torch.compile)."""
+    starts = image_mask.clone()
+    starts[:, 1:] &= ~image_mask[:, :-1]
+    flat_mask, flat_starts = image_mask.reshape(-1), starts.reshape(-1)
+    n = len(counts)
+    run_of_token = (flat_starts.to(torch.int64).cumsum(0) - 1).clamp(0, n)  # runs past the n-th: slot n
+    index = torch.where(flat_mask, run_of_token, n)
+    lengths = torch.zeros(n + 1, dtype=torch.int64, device=image_mask.device)
+    lengths = lengths.scatter_add(0, index, flat_mask.to(torch.int64))
+    expected = torch.tensor([*counts, 0], dtype=torch.int64, device=image_mask.device)
+    return (flat_starts.sum() == n) & (lengths == expected).all()
+
+
 def random_selection(layout: ImageLayout, ratio: float, device: torch.device) -> torch.Tensor:
     """bool [I, W]: ``round(ratio * counts[i])`` of image i's real tokens picked uniformly at random."""
     picks = torch.tensor([round(float(ratio) * count) for count in layout.counts], dtype=torch.int64)
