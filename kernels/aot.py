@@ -127,7 +127,8 @@ def analyse_sass(sass: str, loop_names: tuple[str, ...] = ()) -> list[LoopStats]
     """The innermost loops of one kernel's SASS listing (``cuobjdump --dump-sass``), in address order.
 
     A loop is a backward branch; its body is every instruction from the branch target to the
-    branch. Loops that contain another loop are left out. ``loop_names`` names them in order when
+    branch. Loops that contain another loop are left out, and so are a branch from code placed
+    out of line back into a loop body and the few-instruction retry loops of mbarrier waits. ``loop_names`` names them in order when
     the count matches (the kernel's tile loops in source order), else they are ``loop0``, ...
     """
     code = [(int(a, 16), text) for a, text in _SASS_LINE.findall(sass)]
@@ -136,10 +137,14 @@ def analyse_sass(sass: str, loop_names: tuple[str, ...] = ()) -> list[LoopStats]
         match = _BRANCH.match(text)
         if match and match.group(1) is not None and int(match.group(1), 16) < address:
             spans.append((int(match.group(1), 16), address))
+    # a branch from out-of-line code (a cold path, an mbarrier retry) back into a loop body is no loop
+    spans = [s for s in spans if not any(o[0] < s[0] <= o[1] < s[1] for o in spans)]
     innermost = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
     body_of = lambda span: [text for address, text in code if span[0] <= address <= span[1]]  # noqa: E731
-    # an mbarrier wait that does not succeed at once retries in a two-instruction loop out of line
-    innermost = sorted(s for s in innermost if not (len(body_of(s)) <= 2 and "TRYWAIT" in body_of(s)[0]))
+    # an mbarrier wait that does not succeed at once retries in a tiny loop out of line
+    innermost = sorted(
+        s for s in innermost if not (len(body_of(s)) <= 4 and any("TRYWAIT" in t for t in body_of(s)))
+    )
     names = loop_names if len(loop_names) == len(innermost) else [f"loop{i}" for i in range(len(innermost))]
     loops, previous_end = [], -1
     for name, (lo, hi) in zip(names, innermost):

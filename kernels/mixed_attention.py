@@ -55,6 +55,7 @@ __all__ = [
 
 MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on grid.x
 _INT32_LIMIT = 2**31
+_MAX_BLOCK = 128  # the largest tile side in kernels/config.py (what the op layer's launch_ready uses)
 
 
 @triton.jit
@@ -128,9 +129,13 @@ def _fwd_tiles(
     head) as int32; else they are this (batch, kv head)'s base pointers, and tiles are
     bounds-checked only when BOUNDS or PAD_D."""
     CHECK: tl.constexpr = BOUNDS or PAD_D
+    following = 0 if RANGE else tl.load(block_list + lo, mask=lo < hi, other=0)
     for j in range(lo, hi):
-        pos = tl.where(j < gap_at, j, j + gap) if MASK == START_AND_END else j
-        start_n = _block_at(block_list, pos, RANGE) * BLOCK_N
+        if RANGE:
+            start_n = (tl.where(j < gap_at, j, j + gap) if MASK == START_AND_END else j) * BLOCK_N
+        else:  # the index list's next entry is loaded one tile ahead, off the copies' critical path
+            start_n = following * BLOCK_N
+            following = tl.load(block_list + tl.minimum(j + 1, hi - 1))
         if TMA:
             k_t = tl.trans(tl.reshape(k_src.load([b32, hk32, start_n, 0]), (BLOCK_N, BLOCK_D)))
         else:
@@ -544,9 +549,10 @@ def kernel_launches(
     launches, as (name, jit function, constexpr arguments, PassConfig, names of its tile loops in
     source order); used by the ahead-of-time compile check."""
     loops = _LOOP_NAMES[schedule]
-    forward = _constexprs(head_dim, config.forward, schedule) | {"TMA": tma}
+    fwd = config.for_loads(tma).forward
+    forward = _constexprs(head_dim, fwd, schedule) | {"TMA": tma}
     return [
-        ("forward", _fwd_kernel, forward, config.forward, _FWD_LOOP_NAMES[schedule]),
+        ("forward", _fwd_kernel, forward, fwd, _FWD_LOOP_NAMES[schedule]),
         ("dkdv", _dkdv_kernel, _constexprs(head_dim, config.dkdv, schedule), config.dkdv, _DKDV_LOOP_NAMES),
         ("dq", _dq_kernel, _constexprs(head_dim, config.dq, schedule), config.dq, loops),
     ]
@@ -566,17 +572,20 @@ def descriptor_blocks(name: str, constexprs: dict) -> dict[str, list[int]]:
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels read these [B, H, L, D] tensors through TMA tensor descriptors: on
-    Hopper or later (and under the interpreter, which emulates descriptors), when every tensor's
-    base address and leading strides are multiples of 16 bytes (the copy engine's rule; the last
-    stride is 1 after :func:`launch_ready`). Decided from metadata only: no device sync."""
+    """Whether the forward reads these [B, H, L, D] tensors (as :func:`launch_ready` will hand
+    them over) through TMA tensor descriptors: on Hopper or later (and under the interpreter,
+    which emulates descriptors), when every tensor is non-empty and its base address and leading
+    strides are multiples of 16 bytes (the copy engine's rule; a contiguous copy always is, every
+    supported head dim being a multiple of 8 elements). Decided from metadata only: no device sync."""
     device = tensors[0].device
     if (device.type == "cuda" and arch_of(device) < 90) or (device.type != "cuda" and not INTERPRET):
         return False
     return all(
         t.numel() > 0
-        and t.data_ptr() % 16 == 0
-        and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+        and (
+            not _addressable(t, _MAX_BLOCK)
+            or (t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
+        )
         for t in tensors
     )
 
@@ -600,9 +609,11 @@ def launch_ready(t: torch.Tensor, block: int) -> torch.Tensor:
     The kernels need the last stride to be 1, and the offsets inside one tile, at most
     ``block * stride(2) + D``, to fit int32 (every other offset is int64). A contiguous tensor's
     row stride is D, so the copy always qualifies."""
-    if t.stride(-1) == 1 and block * t.stride(2) + t.shape[-1] < _INT32_LIMIT:
-        return t
-    return t.contiguous()
+    return t if _addressable(t, block) else t.contiguous()
+
+
+def _addressable(t: torch.Tensor, block: int) -> bool:
+    return t.stride(-1) == 1 and block * t.stride(2) + t.shape[-1] < _INT32_LIMIT
 
 
 def grid_1d(num_blocks: int, batch_heads: int) -> tuple[int]:
