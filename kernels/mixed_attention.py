@@ -574,20 +574,23 @@ def descriptor_blocks(name: str, constexprs: dict) -> dict[str, list[int]]:
 def tma_ready(*tensors: torch.Tensor) -> bool:
     """Whether the forward reads these [B, H, L, D] tensors (as :func:`launch_ready` will hand
     them over) through TMA tensor descriptors: on Hopper or later (and under the interpreter,
-    which emulates descriptors), when every tensor is non-empty and its base address and leading
-    strides are multiples of 16 bytes (the copy engine's rule; a contiguous copy always is, every
-    supported head dim being a multiple of 8 elements). Decided from metadata only: no device sync."""
+    which emulates descriptors), when every tensor is non-empty and its leading strides are
+    multiples of 16 bytes (the copy engine's rule; a contiguous copy's always are, every supported
+    head dim being a multiple of 8 elements). Shapes and strides only, so that ``torch.compile``
+    traces it; a base address off the 16-byte grid is copied at launch (:func:`_aligned`)."""
     device = tensors[0].device
     if (device.type == "cuda" and arch_of(device) < 90) or (device.type != "cuda" and not INTERPRET):
         return False
     return all(
         t.numel() > 0
-        and (
-            not _addressable(t, _MAX_BLOCK)
-            or (t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
-        )
+        and (not _addressable(t, _MAX_BLOCK) or all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
         for t in tensors
     )
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy in fresh (aligned) memory if its base address is not a multiple of 16 bytes."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _descriptor(t: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
@@ -664,7 +667,7 @@ def attention_forward(
     constexprs = _constexprs(head_dim, config, "range" if is_range else "index")
     tma = tma_ready(k, v)
     if tma:
-        k_in, v_in = (_descriptor(t, config.block_n, constexprs["BLOCK_D"]) for t in (k, v))
+        k_in, v_in = (_descriptor(_aligned(t), config.block_n, constexprs["BLOCK_D"]) for t in (k, v))
     else:
         k_in, v_in = k, v
     _fwd_kernel[grid_1d(n_blocks, batch * heads)](
