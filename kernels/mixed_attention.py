@@ -96,28 +96,40 @@ NO_MASK = tl.constexpr(0)
 START_ONLY = tl.constexpr(1)
 END_ONLY = tl.constexpr(2)
 START_AND_END = tl.constexpr(3)
-# Tiles cut by both ends: Triton 3.9 keeps the column offsets in registers under one unsigned
-# compare per score (sm_90 bf16 D=128 128x128: 721 SASS instructions per tile, 787 with two
-# compares); Triton 3.6 rematerialises them in the loop and spills (913), so it keeps two (755).
-UNSIGNED_RANGE_TEST = tl.constexpr(tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9))
+# How a tile cut by both ends tests ``start <= col < end`` (BOTH_TEST), chosen by compiling:
+# COLUMNS compares absolute key indices (the pointer loops: the other forms spill 24 B at sm_80
+# 128x32 under Triton 3.9), OFFSETS compares offsets inside the tile (no per-score add; TMA loops
+# on Triton 3.6: 755 SASS instructions per tile at sm_90 bf16 D=128 128x128, 783 with COLUMNS),
+# UNSIGNED makes it one unsigned compare per score (TMA loops on Triton >= 3.9: 721, 787 with
+# OFFSETS; on 3.6 it rematerialises the column offsets in the loop and spills).
+COLUMNS = tl.constexpr(0)
+OFFSETS = tl.constexpr(1)
+UNSIGNED = tl.constexpr(2)
+_TRITON_39 = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
+TMA_BOTH_TEST = tl.constexpr(2 if _TRITON_39 else 1)
 
 
 @triton.jit
-def _interval_mask(s, offs_n, start_n, row_start, row_end, MASK: tl.constexpr):
+def _interval_mask(s, offs_n, start_n, row_start, row_end, MASK: tl.constexpr, BOTH_TEST: tl.constexpr):
     """``s`` (the scores of keys ``start_n + offs_n``) with the scores outside each row's interval
     ``[row_start, row_end)`` set to -inf."""
     if MASK == START_ONLY:
         s = tl.where(offs_n[None, :] >= (row_start - start_n)[:, None], s, float("-inf"))
     elif MASK == END_ONLY:
         s = tl.where(offs_n[None, :] < (row_end - start_n)[:, None], s, float("-inf"))
-    elif MASK == START_AND_END and UNSIGNED_RANGE_TEST:  # start <= col < end: col - start <u end - start
+    elif MASK == START_AND_END and BOTH_TEST == UNSIGNED:  # col - start <u end - start
         past_start = (offs_n[None, :] - (row_start - start_n)[:, None]).to(tl.uint32, bitcast=True)
         width = tl.maximum(row_end - row_start, 0).to(tl.uint32, bitcast=True)
         s = tl.where(past_start < width[:, None], s, float("-inf"))
-    elif MASK == START_AND_END:
+    elif MASK == START_AND_END and BOTH_TEST == OFFSETS:
         first, last = row_start - start_n, row_end - start_n
         s = tl.where(
             (offs_n[None, :] >= first[:, None]) & (offs_n[None, :] < last[:, None]), s, float("-inf")
+        )
+    elif MASK == START_AND_END:
+        cols = start_n + offs_n
+        s = tl.where(
+            (cols[None, :] >= row_start[:, None]) & (cols[None, :] < row_end[:, None]), s, float("-inf")
         )
     return s
 
@@ -156,7 +168,9 @@ def _fwd_tiles(
                 CHECK,
                 0.0,
             )
-        s = _interval_mask(tl.dot(q, k_t), offs_n, start_n, row_start, row_end, MASK)
+        s = _interval_mask(
+            tl.dot(q, k_t), offs_n, start_n, row_start, row_end, MASK, TMA_BOTH_TEST if TMA else COLUMNS
+        )
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
