@@ -10,6 +10,13 @@ any mask. With a *range* schedule (``W == 4``, ``RANGE=True``) the position ``j`
 side's block index itself: the tiles form one contiguous range with its partial tiles at the two
 ends, and the kernels load no index. With an *index* schedule (``W > 4``) column ``4 + j`` holds the
 block index (partial tiles first, ``c == d``), for masks whose tiles are not a range.
+The forward splits a range schedule's partial tiles further, in the kernel, into tiles cut only
+by interval starts, only by ends (one compare per score) or by both (see :func:`_fwd_kernel`).
+
+Loads: on Hopper the forward reads K/V tiles through TMA tensor descriptors (host
+``TensorDescriptor`` over the whole tensor, zero fill past its edges) whenever their strides
+allow (:func:`tma_ready`, decided on the host from the strides); otherwise, and on sm_80, through
+pointers, with the tile of ``AttentionConfig.forward_pointer`` where that differs.
 
 A full tile of the range schedule may contain empty rows (``kv_start == kv_end``, padding): they
 are never masked, which is harmless because the forward overwrites their output with 0 and their
