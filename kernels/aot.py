@@ -33,7 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .config import all_configs, lookup
-from .mixed_attention import kernel_launches
+from .mixed_attention import descriptor_blocks, kernel_launches
 
 __all__ = ["CompileReport", "LoopStats", "analyse_sass", "compile_all", "cuobjdump_path", "iter_compile"]
 
@@ -46,6 +46,7 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"^(?:@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
 _WAIT = re.compile(r"^DEPBAR\.LE\s+SB0,\s*0x([0-9a-f]+)")
 _TENSOR_CORE = re.compile(r"^(?:@!?P\w+\s+)?(HGMMA|HMMA)\b")
+_TMA_COPY = re.compile(r"^(?:@!?U?P\w+\s+)?UTMALDG\b")
 
 
 @dataclass
@@ -56,8 +57,11 @@ class LoopStats:
     ``tensor_core``: HGMMA/HMMA instructions in it; ``exp2``: MUFU.EX2 in it;
     ``copy_groups``: cp.async commit groups (LDGDEPBAR) issued per iteration; ``wait_groups``: the
     smallest N of the ``DEPBAR.LE SB0, N`` waits in it (the copy groups still in flight when it
-    waits; -1 when it never waits on copies); ``tiles_ahead``: ``wait_groups / copy_groups``, the
-    tiles whose copies are still in flight at the wait (0 when the loop issues no async copies)."""
+    waits; -1 when it never waits on copies); ``tma_copies``: TMA tile copies (UTMALDG) issued per
+    iteration; ``tiles_ahead``: the tiles whose copies are still in flight when the loop waits for
+    one: ``wait_groups / copy_groups`` for cp.async copies, and for TMA copies (which a loop waits
+    for on an mbarrier) the tiles its prologue issues before the loop, less the one awaited first
+    (the smaller of the two when a loop has both; 0 when it issues no async copies)."""
 
     name: str
     instructions: int
@@ -65,6 +69,7 @@ class LoopStats:
     exp2: int
     copy_groups: int
     wait_groups: int
+    tma_copies: int
     tiles_ahead: float
 
 
@@ -77,6 +82,7 @@ class CompileReport:
     dtype: str
     kernel: str
     schedule: str
+    tma: bool  # key/value tiles through tensor descriptors (sm_90 forward; else pointer loads)
     block_m: int
     block_n: int
     num_warps: int
@@ -94,11 +100,14 @@ def cuobjdump_path() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
+def _signature(fn, dtype: str, constexprs: dict, descriptors: dict) -> tuple[dict, dict]:
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in descriptors:
+            signature[name] = f"tensordesc<{dtype}{descriptors[name]}>"
+            continue
         elif name in _INT_POINTERS:
             signature[name] = "*i32"
         elif name in _FP32_POINTERS:
@@ -118,7 +127,8 @@ def analyse_sass(sass: str, loop_names: tuple[str, ...] = ()) -> list[LoopStats]
     """The innermost loops of one kernel's SASS listing (``cuobjdump --dump-sass``), in address order.
 
     A loop is a backward branch; its body is every instruction from the branch target to the
-    branch. Loops that contain another loop are left out. ``loop_names`` names them in order when
+    branch. Loops that contain another loop are left out, and so are a branch from code placed
+    out of line back into a loop body and the few-instruction retry loops of mbarrier waits. ``loop_names`` names them in order when
     the count matches (the kernel's tile loops in source order), else they are ``loop0``, ...
     """
     code = [(int(a, 16), text) for a, text in _SASS_LINE.findall(sass)]
@@ -127,15 +137,27 @@ def analyse_sass(sass: str, loop_names: tuple[str, ...] = ()) -> list[LoopStats]
         match = _BRANCH.match(text)
         if match and match.group(1) is not None and int(match.group(1), 16) < address:
             spans.append((int(match.group(1), 16), address))
+    # a branch from out-of-line code (a cold path, an mbarrier retry) back into a loop body is no loop
+    spans = [s for s in spans if not any(o[0] < s[0] <= o[1] < s[1] for o in spans)]
     innermost = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
-    innermost.sort()
+    body_of = lambda span: [text for address, text in code if span[0] <= address <= span[1]]  # noqa: E731
+    # an mbarrier wait that does not succeed at once retries in a tiny loop out of line
+    innermost = sorted(
+        s for s in innermost if not (len(body_of(s)) <= 4 and any("TRYWAIT" in t for t in body_of(s)))
+    )
     names = loop_names if len(loop_names) == len(innermost) else [f"loop{i}" for i in range(len(innermost))]
-    loops = []
+    loops, previous_end = [], -1
     for name, (lo, hi) in zip(names, innermost):
-        body = [text for address, text in code if lo <= address <= hi]
+        body = body_of((lo, hi))
+        prologue = [text for address, text in code if previous_end < address < lo]
+        previous_end = hi
         waits = [int(m.group(1), 16) for m in map(_WAIT.match, body) if m]
         groups = sum(text.startswith("LDGDEPBAR") for text in body)
+        tma = sum(bool(_TMA_COPY.match(text)) for text in body)
         wait = min(waits) if waits else -1
+        ahead = [round(max(wait, 0) / groups, 2)] if groups else []
+        if tma:
+            ahead.append(round(sum(bool(_TMA_COPY.match(t)) for t in prologue) / tma - 1, 2))
         loops.append(
             LoopStats(
                 name,
@@ -144,7 +166,8 @@ def analyse_sass(sass: str, loop_names: tuple[str, ...] = ()) -> list[LoopStats]
                 sum("MUFU.EX2" in t for t in body),
                 groups,
                 wait,
-                round(max(wait, 0) / groups, 2) if groups else 0.0,
+                tma,
+                max(min(ahead), 0.0) if ahead else 0.0,
             )
         )
     return loops
@@ -166,9 +189,9 @@ def _cuobjdump(cubin: bytes) -> tuple[str, str]:
 
 def _compile_one(job: tuple) -> CompileReport:
     arch, head_dim, dtype, name, schedule, constexprs, launch, loop_names = job
-    launches = kernel_launches(head_dim, lookup(arch, head_dim, dtype), schedule)
+    launches = kernel_launches(head_dim, lookup(arch, head_dim, dtype), schedule, bool(constexprs.get("TMA")))
     fn = {n: f for n, f, _, _, _ in launches}[name]
-    signature, attrs = _signature(fn, _TRITON_DTYPE[dtype], constexprs)
+    signature, attrs = _signature(fn, _TRITON_DTYPE[dtype], constexprs, descriptor_blocks(name, constexprs))
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
@@ -176,7 +199,7 @@ def _compile_one(job: tuple) -> CompileReport:
     field_of = lambda key: int(re.search(rf"\b{key}:(\d+)", usage).group(1))  # noqa: E731
     tile = (launch.block_m, launch.block_n, launch.num_warps, launch.num_stages)
     return CompileReport(
-        arch, head_dim, _TRITON_DTYPE[dtype], name, schedule, *tile,
+        arch, head_dim, _TRITON_DTYPE[dtype], name, schedule, bool(constexprs.get("TMA")), *tile,
         field_of("REG"), field_of("STACK"), field_of("LOCAL"), compiled.metadata.shared,
         "HGMMA" in sass, analyse_sass(sass, loop_names),
     )  # fmt: skip
@@ -187,8 +210,8 @@ def compile_jobs(schedules: tuple[str, ...] = ("range", "index")) -> list[tuple]
     (arch, head dim, dtype, name, schedule, constexprs, PassConfig, loop names)."""
     jobs, seen = [], set()
     for arch, head_dim, dtype, config in all_configs():
-        for schedule in schedules:
-            for name, _, constexprs, launch, loop_names in kernel_launches(head_dim, config, schedule):
+        for schedule, tma in ((s, t) for s in schedules for t in ((False, True) if arch == 90 else (False,))):
+            for name, _, constexprs, launch, loop_names in kernel_launches(head_dim, config, schedule, tma):
                 key = (arch, _TRITON_DTYPE[dtype], name, tuple(sorted(constexprs.items())), launch)
                 if key not in seen:
                     seen.add(key)
@@ -217,10 +240,12 @@ def compile_all(
 
 
 _KERNEL_COLUMNS = (
-    "arch", "head_dim", "dtype", "kernel", "schedule", "block_m", "block_n", "num_warps", "num_stages",
+    "arch", "head_dim", "dtype", "kernel", "schedule", "tma", "block_m", "block_n", "num_warps", "num_stages",
     "registers", "stack_bytes", "local_bytes", "shared_bytes", "hgmma",
 )  # fmt: skip
-_LOOP_COLUMNS = ("name", "instructions", "tensor_core", "exp2", "copy_groups", "wait_groups", "tiles_ahead")
+_LOOP_COLUMNS = (
+    "name", "instructions", "tensor_core", "exp2", "copy_groups", "wait_groups", "tma_copies", "tiles_ahead",
+)  # fmt: skip
 
 
 def report_rows(reports: list[CompileReport]) -> list[dict]:
@@ -237,17 +262,19 @@ def report_rows(reports: list[CompileReport]) -> list[dict]:
 def _print_table(rows: list[dict]) -> None:
     print(
         f"triton {triton.__version__}\n"
-        "arch dtype   D kernel sched  BMxBN    w s  regs spill  smem hgmma | loop          "
-        "instr  mma  ex2 groups wait ahead"
+        "arch dtype   D kernel sched tma BMxBN    w s  regs spill  smem hgmma | loop          "
+        "instr  mma  ex2 groups wait  tma ahead"
     )
     for r in rows:
         spill = r["stack_bytes"] + r["local_bytes"]
         print(
             f"sm_{r['arch']} {r['dtype']:>5} {r['head_dim']:>3} {r['kernel']:<6} {r['schedule']:<5} "
+            f"{'tma' if r['tma'] else 'ptr'} "
             f"{r['block_m']:>3}x{r['block_n']:<4} {r['num_warps']:>1} {r['num_stages']:>1} {r['registers']:>5} "
             f"{spill:>5} {r['shared_bytes']:>6} {r['hgmma']!s:>5} | {r['loop_name']!s:<13} "
             f"{r['loop_instructions']!s:>5} {r['loop_tensor_core']!s:>4} {r['loop_exp2']!s:>4} "
-            f"{r['loop_copy_groups']!s:>6} {r['loop_wait_groups']!s:>4} {r['loop_tiles_ahead']!s:>5}"
+            f"{r['loop_copy_groups']!s:>6} {r['loop_wait_groups']!s:>4} {r['loop_tma_copies']!s:>4} "
+            f"{r['loop_tiles_ahead']!s:>5}"
         )
 
 

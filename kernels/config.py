@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,15 +45,27 @@ class PassConfig:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """The three passes of one (arch, head dim, dtype) combination."""
+    """The three passes of one (arch, head dim, dtype) combination.
+
+    ``forward`` is the forward's tile when it reads K/V through TMA tensor descriptors (sm_90,
+    16-byte aligned strides), ``forward_pointer`` (if set) its tile when it reads them through
+    pointers (sm_80, or strides a descriptor cannot take), whose registers may not fit the same tile."""
 
     forward: PassConfig
     dkdv: PassConfig
     dq: PassConfig
+    forward_pointer: PassConfig | None = None
+
+    def for_loads(self, tma: bool) -> AttentionConfig:
+        """This config with ``forward`` the tile of the given load path (``tma``: descriptors)."""
+        if tma or self.forward_pointer is None:
+            return self
+        return replace(self, forward=self.forward_pointer)
 
 
-def _cfg(forward: tuple, dkdv: tuple, dq: tuple) -> AttentionConfig:
-    return AttentionConfig(PassConfig(*forward), PassConfig(*dkdv), PassConfig(*dq))
+def _cfg(forward: tuple, dkdv: tuple, dq: tuple, forward_pointer: tuple | None = None) -> AttentionConfig:
+    pointer = None if forward_pointer is None else PassConfig(*forward_pointer)
+    return AttentionConfig(PassConfig(*forward), PassConfig(*dkdv), PassConfig(*dq), pointer)
 
 
 # (arch, padded head dim, fp32 inputs) -> (block_m, block_n, num_warps, num_stages) per pass.
@@ -61,23 +73,32 @@ def _cfg(forward: tuple, dkdv: tuple, dq: tuple) -> AttentionConfig:
 # dynamic shared memory <= 227 KiB on sm_90 and <= 99 KiB on sm_80, so that sm_86/sm_89 fit too),
 # preferring large tiles and 8 warps with M >= 64 (Hopper wgmma). Not yet tuned for speed on a GPU.
 # sm_90, D = 128, fp16/bf16 (issue 10, by `python -m croc.kernels.aot --report` on Triton 3.6 and 3.9):
-# forward 128x128x8x3 spills with the index schedule (3.6: 24 B) and with both on 3.9 (range 112 B),
-# so 128x64x8x3 (0 spill, copies one tile ahead); dK/dV 64x128 spills once the range loop is
-# software-pipelined (any stage count), 16x128x8x3 does not and keeps one tile in flight; dQ
-# prefetches one tile at 3 stages.
+# forward 128x128x8x3 reading K/V through TMA descriptors (0 spill, copies one tile ahead; full
+# tiles 489/519 SASS instructions on 3.6/3.9, start- or end-cut tiles 622-652); through pointers
+# (sm_90 inputs whose strides a descriptor cannot take) 128x128 spills at every stage count on
+# 3.9 (3.6: index schedule), so that path keeps 128x64x8x3; dK/dV 64x128 spills once the range
+# loop is software-pipelined (any stage count), 16x128x8x3 does not and keeps one tile in
+# flight; dQ prefetches one tile at 3 stages.
 # sm_80 with the range kernels (Triton 3.6): forward 128x64 and 64x64 spill for D = 128 (56 and 8 B),
-# 128x32x8x3 does not; dK/dV needs 8 warps at 32x64; fp32 D = 128 dQ needs 8 warps, forward 1 stage.
+# 128x32x8x3 does not; dK/dV needs 8 warps at 32x64; fp32 D = 128 dQ needs 8 warps; fp32 D = 128
+# forward: 64x32x4x1 spills with the four tile loops (0.5-1.3 KiB), 32x32x4x3 on 3.9 and
+# 64x32x8x3 exceeds 99 KiB, so 64x32x8x2 (0 spill, but its copies are not ahead when it waits).
 # fp32 inputs run TF32 dots, whose register footprint forces smaller tiles.
 _TABLE: dict[tuple[int, int, bool], AttentionConfig] = {
     (90, 64, False): _cfg(forward=(128, 128, 8, 3), dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
-    (90, 128, False): _cfg(forward=(128, 64, 8, 3), dkdv=(16, 128, 8, 3), dq=(128, 64, 8, 3)),
+    (90, 128, False): _cfg(
+        forward=(128, 128, 8, 3), dkdv=(16, 128, 8, 3), dq=(128, 64, 8, 3), forward_pointer=(128, 64, 8, 3)
+    ),
     (80, 64, False): _cfg(forward=(128, 64, 8, 3), dkdv=(32, 64, 8, 1), dq=(128, 32, 8, 3)),
     (80, 128, False): _cfg(forward=(128, 32, 8, 3), dkdv=(32, 64, 8, 2), dq=(64, 32, 4, 2)),
-    (90, 64, True): _cfg(forward=(64, 64, 8, 3), dkdv=(32, 128, 8, 2), dq=(128, 64, 8, 2)),  # 3.9 spilled
+    # fp32 D = 64: the pointer forward at 64x64x8x3 spills 24 B on 3.9 (the TMA one does not)
+    (90, 64, True): _cfg(
+        forward=(64, 64, 8, 3), dkdv=(32, 128, 8, 2), dq=(128, 64, 8, 2), forward_pointer=(64, 32, 8, 3)
+    ),
     # fp32 D = 128: forward 64x32 spilled; dq at 4 warps spilled 8 B at D = 80/96 under Triton 3.9
     (90, 128, True): _cfg(forward=(32, 32, 4, 3), dkdv=(32, 32, 4, 1), dq=(16, 32, 8, 1)),
     (80, 64, True): _cfg(forward=(128, 64, 8, 3), dkdv=(16, 32, 4, 1), dq=(64, 32, 8, 1)),
-    (80, 128, True): _cfg(forward=(64, 32, 4, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 8, 1)),
+    (80, 128, True): _cfg(forward=(64, 32, 8, 2), dkdv=(32, 32, 4, 1), dq=(32, 32, 8, 1)),
 }
 
 _INTERPRET_PASS = PassConfig(16, 16, 4, 1)
@@ -104,16 +125,20 @@ def arch_of(device: torch.device) -> int:
 
 
 def lookup(arch: int, head_dim: int, dtype: torch.dtype) -> AttentionConfig:
-    """Config for a GPU generation (80 or 90), head dim and input dtype."""
+    """Config for a GPU generation (80 or 90), head dim and input dtype (both forward tiles)."""
     return _TABLE[(arch, padded_head_dim(head_dim), dtype == torch.float32)]
 
 
-def attention_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> AttentionConfig:
-    """The config the package launches for inputs of this head dim, dtype and device."""
+def attention_config(
+    head_dim: int, dtype: torch.dtype, device: torch.device, tma: bool = False
+) -> AttentionConfig:
+    """The config the package launches for inputs of this head dim, dtype and device, with
+    ``forward`` the tile of the forward's load path (``tma``: K/V through tensor descriptors, see
+    :func:`croc.kernels.mixed_attention.tma_ready`)."""
     padded_head_dim(head_dim)  # validates
     if device.type != "cuda":
         return _INTERPRET_CONFIG
-    return lookup(arch_of(device), head_dim, dtype)
+    return lookup(arch_of(device), head_dim, dtype).for_loads(tma)
 
 
 def all_configs() -> list[tuple[int, int, torch.dtype, AttentionConfig]]:

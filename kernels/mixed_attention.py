@@ -10,6 +10,13 @@ any mask. With a *range* schedule (``W == 4``, ``RANGE=True``) the position ``j`
 side's block index itself: the tiles form one contiguous range with its partial tiles at the two
 ends, and the kernels load no index. With an *index* schedule (``W > 4``) column ``4 + j`` holds the
 block index (partial tiles first, ``c == d``), for masks whose tiles are not a range.
+The forward splits a range schedule's partial tiles further, in the kernel, into tiles cut only
+by interval starts, only by ends (one compare per score) or by both (see :func:`_fwd_kernel`).
+
+Loads: on Hopper the forward reads K/V tiles through TMA tensor descriptors (host
+``TensorDescriptor`` over the whole tensor, zero fill past its edges) whenever their strides
+allow (:func:`tma_ready`, decided on the host from the strides); otherwise, and on sm_80, through
+pointers, with the tile of ``AttentionConfig.forward_pointer`` where that differs.
 
 A full tile of the range schedule may contain empty rows (``kv_start == kv_end``, padding): they
 are never masked, which is harmless because the forward overwrites their output with 0 and their
@@ -39,13 +46,23 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .config import AttentionConfig, PassConfig, padded_head_dim
+from .config import INTERPRET, AttentionConfig, PassConfig, arch_of, padded_head_dim
 
-__all__ = ["MAX_PROGRAMS", "attention_backward", "attention_forward", "kernel_launches", "launch_ready"]
+__all__ = [
+    "MAX_PROGRAMS",
+    "attention_backward",
+    "attention_forward",
+    "descriptor_blocks",
+    "kernel_launches",
+    "launch_ready",
+    "tma_ready",
+]
 
 MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on grid.x
 _INT32_LIMIT = 2**31
+_MAX_BLOCK = 128  # the largest tile side in kernels/config.py (what the op layer's launch_ready uses)
 
 
 @triton.jit
@@ -80,42 +97,101 @@ def _program_block(num_blocks, num_bh, REVERSED: tl.constexpr):
     return block, pid % num_bh
 
 
+# Per-element interval tests of the forward's tile loops (MASK): full tiles need none; a tile cut
+# only by some rows' interval starts needs one compare per score, likewise one cut only by ends
+NO_MASK = tl.constexpr(0)
+START_ONLY = tl.constexpr(1)
+END_ONLY = tl.constexpr(2)
+START_AND_END = tl.constexpr(3)
+# How a tile cut by both ends tests ``start <= col < end`` (BOTH_TEST), chosen by compiling:
+# COLUMNS compares absolute key indices (the pointer loops: the other forms spill 24 B at sm_80
+# 128x32 under Triton 3.9), OFFSETS compares offsets inside the tile (no per-score add; TMA loops
+# on Triton 3.6: 755 SASS instructions per tile at sm_90 bf16 D=128 128x128, 783 with COLUMNS),
+# UNSIGNED makes it one unsigned compare per score (TMA loops on Triton >= 3.9: 721, 787 with
+# OFFSETS; on 3.6 it rematerialises the column offsets in the loop and spills).
+COLUMNS = tl.constexpr(0)
+OFFSETS = tl.constexpr(1)
+UNSIGNED = tl.constexpr(2)
+_TRITON_39 = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
+TMA_BOTH_TEST = tl.constexpr(2 if _TRITON_39 else 1)
+
+
+@triton.jit
+def _interval_mask(s, offs_n, start_n, row_start, row_end, MASK: tl.constexpr, BOTH_TEST: tl.constexpr):
+    """``s`` (the scores of keys ``start_n + offs_n``) with the scores outside each row's interval
+    ``[row_start, row_end)`` set to -inf."""
+    if MASK == START_ONLY:
+        s = tl.where(offs_n[None, :] >= (row_start - start_n)[:, None], s, float("-inf"))
+    elif MASK == END_ONLY:
+        s = tl.where(offs_n[None, :] < (row_end - start_n)[:, None], s, float("-inf"))
+    elif MASK == START_AND_END and BOTH_TEST == UNSIGNED:  # col - start <u end - start
+        past_start = (offs_n[None, :] - (row_start - start_n)[:, None]).to(tl.uint32, bitcast=True)
+        width = tl.maximum(row_end - row_start, 0).to(tl.uint32, bitcast=True)
+        s = tl.where(past_start < width[:, None], s, float("-inf"))
+    elif MASK == START_AND_END and BOTH_TEST == OFFSETS:
+        first, last = row_start - start_n, row_end - start_n
+        s = tl.where(
+            (offs_n[None, :] >= first[:, None]) & (offs_n[None, :] < last[:, None]), s, float("-inf")
+        )
+    elif MASK == START_AND_END:
+        cols = start_n + offs_n
+        s = tl.where(
+            (cols[None, :] >= row_start[:, None]) & (cols[None, :] < row_end[:, None]), s, float("-inf")
+        )
+    return s
+
+
 @triton.jit
 def _fwd_tiles(
-    acc, l_i, m_i, q, k_base, v_base, offs_d, stride_kn, stride_vn, block_list, lo, hi,
+    acc, l_i, m_i, q, k_src, v_src, b32, hk32, offs_d, stride_kn, stride_vn, block_list, lo, hi, gap_at, gap,
     row_start, row_end, offs_n, d_ok, qk_scale, seq_k,
-    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, PAD_D: tl.constexpr, RANGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr, BOUNDS: tl.constexpr,
+    PAD_D: tl.constexpr, RANGE: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """Online softmax over the key blocks at positions ``[lo, hi)`` of one query block's schedule."""
+    """Online softmax over the key blocks at positions ``[lo, hi)`` of one query block's schedule
+    (positions from ``gap_at`` on shifted by ``gap``, so one loop can run two separate ranges).
+
+    TMA: ``k_src``/``v_src`` are tensor descriptors over the whole [B, Hkv, Lk, D] keys/values
+    (block [1, 1, BLOCK_N, BLOCK_D], zero fill past every edge) and ``b32, hk32`` the (batch, kv
+    head) as int32; else they are this (batch, kv head)'s base pointers, and tiles are
+    bounds-checked only when BOUNDS or PAD_D."""
     CHECK: tl.constexpr = BOUNDS or PAD_D
+    following = 0 if RANGE else tl.load(block_list + lo, mask=lo < hi, other=0)
     for j in range(lo, hi):
-        start_n = _block_at(block_list, j, RANGE) * BLOCK_N
-        cols = start_n + offs_n
-        col_ok = cols < seq_k
-        first = start_n.to(tl.int64)
-        k_t = _load(
-            k_base + first * stride_kn + (offs_n[None, :] * stride_kn + offs_d[:, None]),
-            d_ok[:, None],
-            col_ok[None, :],
-            CHECK,
-            0.0,
-        )
-        s = tl.dot(q, k_t)
-        if PARTIAL:
-            s = tl.where(
-                (cols[None, :] >= row_start[:, None]) & (cols[None, :] < row_end[:, None]), s, float("-inf")
+        if RANGE:
+            start_n = (tl.where(j < gap_at, j, j + gap) if MASK == START_AND_END else j) * BLOCK_N
+        else:  # the index list's next entry is loaded one tile ahead, off the copies' critical path
+            start_n = following * BLOCK_N
+            following = tl.load(block_list + tl.minimum(j + 1, hi - 1))
+        if TMA:
+            k_t = tl.trans(tl.reshape(k_src.load([b32, hk32, start_n, 0]), (BLOCK_N, BLOCK_D)))
+        else:
+            col_ok = start_n + offs_n < seq_k
+            first = start_n.to(tl.int64)
+            k_t = _load(
+                k_src + first * stride_kn + (offs_n[None, :] * stride_kn + offs_d[:, None]),
+                d_ok[:, None],
+                col_ok[None, :],
+                CHECK,
+                0.0,
             )
+        s = _interval_mask(
+            tl.dot(q, k_t), offs_n, start_n, row_start, row_end, MASK, TMA_BOTH_TEST if TMA else COLUMNS
+        )
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load(
-            v_base + first * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :]),
-            col_ok[:, None],
-            d_ok[None, :],
-            CHECK,
-            0.0,
-        )
+        if TMA:
+            v = tl.reshape(v_src.load([b32, hk32, start_n, 0]), (BLOCK_N, BLOCK_D))
+        else:
+            v = _load(
+                v_src + first * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :]),
+                col_ok[:, None],
+                d_ok[None, :],
+                CHECK,
+                0.0,
+            )
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
@@ -128,12 +204,18 @@ def _fwd_kernel(
     stride_ob, stride_oh, stride_om,
     num_heads, group, seq_q, seq_k, num_q_blocks, schedule_width, qk_scale, head_dim,
     BLOCK_D: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    RANGE: tl.constexpr,
+    RANGE: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """One program: one query block of one (batch, query head); writes out and lse2."""
-    INDEX: tl.constexpr = not RANGE  # an index list's partial tiles may overhang the tensors' end
+    """One program: one query block of one (batch, query head); writes out and lse2.
+
+    Range schedule: the head ``[a, b)`` and tail ``[c, d)`` of the block's key range are split on
+    the rows' smallest end and largest start into tiles cut only by starts (one compare per
+    score), cut by both (the rare block whose rows straddle a document edge; one loop for both
+    ends) and cut only by ends; ``[b, c)`` are full. Index schedule: partial tiles, then full ones.
+    TMA: K and V are tensor descriptors (block [1, 1, BLOCK_N, BLOCK_D]), their strides unused."""
     qb, bh = _program_block(num_q_blocks, tl.num_programs(0) // num_q_blocks, True)
-    b = (bh // num_heads).to(tl.int64)
+    b32 = bh // num_heads
+    b = b32.to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
     hk = h // group
     first_m = (qb * BLOCK_M).to(tl.int64)
@@ -154,29 +236,62 @@ def _fwd_kernel(
     q = tl.load(q_ptrs, mask=tile_ok, other=0.0)
     row_start = tl.load(KvStart + b * seq_q + offs_m, mask=row_ok, other=0)
     row_end = tl.load(KvEnd + b * seq_q + offs_m, mask=row_ok, other=0)
+    nonempty = row_end > row_start
     meta = Schedule + (b * num_q_blocks + qb) * schedule_width
-    a, c = tl.load(meta), tl.load(meta + 2)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    a, b_end, c = tl.load(meta), tl.load(meta + 1), tl.load(meta + 2)
+    if TMA:
+        k_src = K
+        v_src = V
+    else:
+        k_src = K + b * stride_kb + hk * stride_kh
+        v_src = V + b * stride_vb + hk * stride_vh
+    hk32 = hk.to(tl.int32)
     # m starts finite so that a row with nothing visible yet gives exp2(-inf - m) = 0, never NaN
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    b_end = tl.load(meta + 1)
-    acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, offs_d, stride_kn, stride_vn, meta + 4, a, b_end,
-        row_start, row_end, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, True, INDEX, PAD_D, RANGE,
-    )  # fmt: skip
-    acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, offs_d, stride_kn, stride_vn, meta + 4, b_end, c,
-        row_start, row_end, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, False, False, PAD_D, RANGE,
-    )  # fmt: skip
-    if RANGE:  # index schedules list every partial tile first (c == d)
+    if RANGE:
+        d = tl.load(meta + 3)
+        # head tiles below the smallest end are cut only by starts; tail tiles from the largest
+        # start on only by ends (a range schedule's head never overhangs the keys, its tail may)
+        head_split = tl.minimum(
+            tl.maximum(tl.min(tl.where(nonempty, row_end, seq_k), 0) // BLOCK_N, a), b_end
+        )
+        tail_split = tl.minimum(
+            tl.maximum(tl.cdiv(tl.max(tl.where(nonempty, row_start, 0), 0), BLOCK_N), c), d
+        )
         acc, l_i, m_i = _fwd_tiles(
-            acc, l_i, m_i, q, k_base, v_base, offs_d, stride_kn, stride_vn, meta + 4, c,
-            tl.load(meta + 3), row_start, row_end, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, True, True, PAD_D, RANGE,
+            acc, l_i, m_i, q, k_src, v_src, b32, hk32, offs_d, stride_kn, stride_vn, meta, a, head_split, 0, 0,
+            row_start, row_end, offs_n, d_ok, qk_scale, seq_k,
+            BLOCK_N, BLOCK_D, START_ONLY, False, PAD_D, RANGE, TMA,
         )  # fmt: skip
-    empty = row_end <= row_start
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q, k_src, v_src, b32, hk32, offs_d, stride_kn, stride_vn, meta, head_split,
+            b_end + tail_split - c, b_end, c - b_end, row_start, row_end, offs_n, d_ok, qk_scale, seq_k,
+            BLOCK_N, BLOCK_D, START_AND_END, True, PAD_D, RANGE, TMA,
+        )  # fmt: skip
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q, k_src, v_src, b32, hk32, offs_d, stride_kn, stride_vn, meta, b_end, c, 0, 0,
+            row_start, row_end, offs_n, d_ok, qk_scale, seq_k,
+            BLOCK_N, BLOCK_D, NO_MASK, False, PAD_D, RANGE, TMA,
+        )  # fmt: skip
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q, k_src, v_src, b32, hk32, offs_d, stride_kn, stride_vn, meta, tail_split, d, 0, 0,
+            row_start, row_end, offs_n, d_ok, qk_scale, seq_k,
+            BLOCK_N, BLOCK_D, END_ONLY, True, PAD_D, RANGE, TMA,
+        )  # fmt: skip
+    else:  # index schedules list every partial tile first (c == d); they may overhang the keys
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q, k_src, v_src, b32, hk32, offs_d, stride_kn, stride_vn, meta + 4, a, b_end, b_end, 0,
+            row_start, row_end, offs_n, d_ok, qk_scale, seq_k,
+            BLOCK_N, BLOCK_D, START_AND_END, True, PAD_D, RANGE, TMA,
+        )  # fmt: skip
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q, k_src, v_src, b32, hk32, offs_d, stride_kn, stride_vn, meta + 4, b_end, c, 0, 0,
+            row_start, row_end, offs_n, d_ok, qk_scale, seq_k,
+            BLOCK_N, BLOCK_D, NO_MASK, False, PAD_D, RANGE, TMA,
+        )  # fmt: skip
+    empty = ~nonempty
     l_safe = tl.where(empty, 1.0, l_i)
     out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
@@ -436,6 +551,10 @@ def _dq_kernel(
 
 LOG2E = 1.4426950408889634
 _LOOP_NAMES = {"range": ("partial_head", "full", "partial_tail"), "index": ("partial", "full")}
+_FWD_LOOP_NAMES = {
+    "range": ("partial_start", "partial_both", "full", "partial_end"),
+    "index": ("partial", "full"),
+}
 _DKDV_LOOP_NAMES = ("partial", "full")  # dK/dV runs both partial ranges in one loop
 
 
@@ -451,16 +570,61 @@ def _constexprs(head_dim: int, config: PassConfig, schedule: str) -> dict:
     }
 
 
-def kernel_launches(head_dim: int, config: AttentionConfig, schedule: str = "range") -> list[tuple]:
-    """Every kernel a forward + backward with this head dim, config and schedule kind ("range" or
-    "index") launches, as (name, jit function, constexpr arguments, PassConfig, names of its tile
-    loops in source order); used by the ahead-of-time compile check."""
+def kernel_launches(
+    head_dim: int, config: AttentionConfig, schedule: str = "range", tma: bool = False
+) -> list[tuple]:
+    """Every kernel a forward + backward with this head dim, config, schedule kind ("range" or
+    "index") and load path (``tma``: the forward's key/value tiles through tensor descriptors)
+    launches, as (name, jit function, constexpr arguments, PassConfig, names of its tile loops in
+    source order); used by the ahead-of-time compile check."""
     loops = _LOOP_NAMES[schedule]
+    fwd = config.for_loads(tma).forward
+    forward = _constexprs(head_dim, fwd, schedule) | {"TMA": tma}
     return [
-        ("forward", _fwd_kernel, _constexprs(head_dim, config.forward, schedule), config.forward, loops),
+        ("forward", _fwd_kernel, forward, fwd, _FWD_LOOP_NAMES[schedule]),
         ("dkdv", _dkdv_kernel, _constexprs(head_dim, config.dkdv, schedule), config.dkdv, _DKDV_LOOP_NAMES),
         ("dq", _dq_kernel, _constexprs(head_dim, config.dq, schedule), config.dq, loops),
     ]
+
+
+# The arguments each kernel takes as tensor descriptors when TMA, and the constexpr giving their block rows
+_DESCRIPTOR_ARGS = {"forward": (("K", "V"), "BLOCK_N")}
+
+
+def descriptor_blocks(name: str, constexprs: dict) -> dict[str, list[int]]:
+    """The block shape ``[1, 1, rows, BLOCK_D]`` of each tensor-descriptor argument of kernel
+    ``name`` ("forward", "dkdv", "dq") compiled with these constexprs (empty unless TMA)."""
+    if not constexprs.get("TMA") or name not in _DESCRIPTOR_ARGS:
+        return {}
+    args, rows = _DESCRIPTOR_ARGS[name]
+    return {arg: [1, 1, constexprs[rows], constexprs["BLOCK_D"]] for arg in args}
+
+
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether the forward reads these [B, H, L, D] tensors (as :func:`launch_ready` will hand
+    them over) through TMA tensor descriptors: on Hopper or later (and under the interpreter,
+    which emulates descriptors), when every tensor is non-empty and its leading strides are
+    multiples of 16 bytes (the copy engine's rule; a contiguous copy's always are, every supported
+    head dim being a multiple of 8 elements). Shapes and strides only, so that ``torch.compile``
+    traces it; a base address off the 16-byte grid is copied at launch (:func:`_aligned`)."""
+    device = tensors[0].device
+    if (device.type == "cuda" and arch_of(device) < 90) or (device.type != "cuda" and not INTERPRET):
+        return False
+    return all(
+        t.numel() > 0
+        and (not _addressable(t, _MAX_BLOCK) or all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
+        for t in tensors
+    )
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy in fresh (aligned) memory if its base address is not a multiple of 16 bytes."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _descriptor(t: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
+    """Tensor descriptor over all of ``t`` ([B, H, L, D]), block ``[1, 1, rows, block_d]``."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, block_d])
 
 
 def _launch_options(config: PassConfig) -> dict:
@@ -477,9 +641,11 @@ def launch_ready(t: torch.Tensor, block: int) -> torch.Tensor:
     The kernels need the last stride to be 1, and the offsets inside one tile, at most
     ``block * stride(2) + D``, to fit int32 (every other offset is int64). A contiguous tensor's
     row stride is D, so the copy always qualifies."""
-    if t.stride(-1) == 1 and block * t.stride(2) + t.shape[-1] < _INT32_LIMIT:
-        return t
-    return t.contiguous()
+    return t if _addressable(t, block) else t.contiguous()
+
+
+def _addressable(t: torch.Tensor, block: int) -> bool:
+    return t.stride(-1) == 1 and block * t.stride(2) + t.shape[-1] < _INT32_LIMIT
 
 
 def grid_1d(num_blocks: int, batch_heads: int) -> tuple[int]:
@@ -527,11 +693,17 @@ def attention_forward(
     out = torch.empty_like(q)
     lse2 = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
     n_blocks, width, is_range = _schedule_args(schedule)
+    constexprs = _constexprs(head_dim, config, "range" if is_range else "index")
+    tma = tma_ready(k, v)
+    if tma:
+        k_in, v_in = (_descriptor(_aligned(t), config.block_n, constexprs["BLOCK_D"]) for t in (k, v))
+    else:
+        k_in, v_in = k, v
     _fwd_kernel[grid_1d(n_blocks, batch * heads)](
-        q, k, v, out, lse2, kv_start, kv_end, schedule,
+        q, k_in, v_in, out, lse2, kv_start, kv_end, schedule,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
         heads, heads // k.shape[1], seq_q, seq_k, n_blocks, width, scale * LOG2E, head_dim,
-        **_constexprs(head_dim, config, "range" if is_range else "index"), **_launch_options(config),
+        **constexprs, TMA=tma, **_launch_options(config),
     )  # fmt: skip
     return out, lse2
 

@@ -198,6 +198,22 @@ def test_strided_sdpa_views_run_in_place_and_keep_their_layout():
     assert out.stride() == q.stride() and dq.stride() == q.stride() and dk.stride() == k.stride()
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_keys_without_16_byte_strides_take_the_pointer_path(schedule):
+    """Keys/values whose row stride is not a multiple of 16 bytes cannot be TMA descriptors: the
+    forward reads them through pointers (chosen on the host from the strides) and still matches."""
+    mask = _layout_mask("croc", batch=2, seq_len=37, seed=3)
+    q, k, v, dout = _inputs(2, 2, 1, 37, 37, 64, torch.float32, seed=3)
+    k, v = (torch.cat([t, t[..., :1]], dim=-1)[..., :64] for t in (k, v))  # row stride 65 elements
+    assert k.stride(2) == 65 and kernels.mixed_attention.tma_ready(q, dout) == (DEVICE == "cpu" or _hopper())
+    assert not kernels.mixed_attention.tma_ready(k, v)
+    _assert_matches_fp64(q, k, v, dout, mask, TOLERANCE[torch.float32], schedule)
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
 def test_backward_is_deterministic():
     mask = _layout_mask("spans", batch=2, seq_len=45, seed=11)
     q, k, v, dout = _inputs(2, 4, 1, 45, 45, 64, torch.float32, seed=11)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from croc.kernels import INTERPRET, attention_backward, attention_config, attention_forward
-from croc.kernels.mixed_attention import launch_ready
+from croc.kernels.mixed_attention import launch_ready, tma_ready
 from croc.mask import MixedMask
 from croc.ops.schedule import pass_schedules
 
@@ -61,7 +61,7 @@ def mixed_attention_fwd(
     q, k, v = (_ready(t) for t in (q, k, v))
     if q.numel() == 0:
         return torch.zeros_like(q), _empty_lse(q).fill_(float("inf"))
-    config = attention_config(q.shape[-1], q.dtype, q.device)
+    config = attention_config(q.shape[-1], q.dtype, q.device, tma_ready(k, v))
     return attention_forward(q, k, v, kv_start, kv_end, fwd_schedule, scale, config.forward)
 
 
@@ -153,7 +153,7 @@ def triton_mixed_attention(
         )
     if not scale > 0:
         raise ValueError(f"scale must be > 0 for backend='triton', got {scale}")
-    config = attention_config(q.shape[-1], q.dtype, q.device)
+    config = attention_config(q.shape[-1], q.dtype, q.device, tma_ready(k, v))  # the forward's tile
     schedules = pass_schedules(mask, config, schedule)
     out, _ = mixed_attention_fwd(q, k, v, mask.kv_start, mask.kv_end, *schedules, scale)
     return out
