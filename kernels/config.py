@@ -78,27 +78,35 @@ def _cfg(forward: tuple, dkdv: tuple, dq: tuple, forward_pointer: tuple | None =
 # (sm_90 inputs whose strides a descriptor cannot take) 128x128 spills at every stage count on
 # 3.9 (3.6: index schedule), so that path keeps 128x64x8x3; dK/dV 64x128 spills once the range
 # loop is software-pipelined (any stage count), 16x128x8x3 does not and keeps one tile in
-# flight; dQ prefetches one tile at 3 stages.
+# flight (Q/dO through descriptors instead: 255 registers, 40 B spill, so dK/dV stays on
+# pointers); dQ reads K/V through descriptors where tma_ready allows (188 registers against 243
+# through pointers) and at 4 stages keeps two tiles in flight on both paths.
+# sm_90 backward, the other rows: D = 64 dK/dV 64x128x8x2 did not prefetch and spills at 3 stages,
+# 32x128x8x3 keeps one tile in flight; dQ 4 stages (D = 64 half) / 3 (fp32) where 2 did not
+# prefetch; fp32 D = 128 dK/dV stays 32x32x4x1 (not prefetching): every 3-stage tile tried
+# (32x32 and 16x32 at 4 or 8 warps, 16x64) spills or takes a stack frame on 3.6 or 3.9.
+# sm_80 backward: D = 128 half dQ 64x32x8x3 and fp32 dQ/dK/dV at 8 warps and 3 stages prefetch a
+# tile (0 spill on 3.6 and 3.9); half dK/dV 32x64 spills at 3 stages (D = 80), D = 64 at 2 or 3.
 # sm_80 with the range kernels (Triton 3.6): forward 128x64 and 64x64 spill for D = 128 (56 and 8 B),
 # 128x32x8x3 does not; dK/dV needs 8 warps at 32x64; fp32 D = 128 dQ needs 8 warps; fp32 D = 128
 # forward: 64x32x4x1 spills with the four tile loops (0.5-1.3 KiB), 32x32x4x3 on 3.9 and
 # 64x32x8x3 exceeds 99 KiB, so 64x32x8x2 (0 spill, but its copies are not ahead when it waits).
 # fp32 inputs run TF32 dots, whose register footprint forces smaller tiles.
 _TABLE: dict[tuple[int, int, bool], AttentionConfig] = {
-    (90, 64, False): _cfg(forward=(128, 128, 8, 3), dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
+    (90, 64, False): _cfg(forward=(128, 128, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 64, 8, 4)),
     (90, 128, False): _cfg(
-        forward=(128, 128, 8, 3), dkdv=(16, 128, 8, 3), dq=(128, 64, 8, 3), forward_pointer=(128, 64, 8, 3)
+        forward=(128, 128, 8, 3), dkdv=(16, 128, 8, 3), dq=(128, 64, 8, 4), forward_pointer=(128, 64, 8, 3)
     ),
     (80, 64, False): _cfg(forward=(128, 64, 8, 3), dkdv=(32, 64, 8, 1), dq=(128, 32, 8, 3)),
-    (80, 128, False): _cfg(forward=(128, 32, 8, 3), dkdv=(32, 64, 8, 2), dq=(64, 32, 4, 2)),
+    (80, 128, False): _cfg(forward=(128, 32, 8, 3), dkdv=(32, 64, 8, 2), dq=(64, 32, 8, 3)),
     # fp32 D = 64: the pointer forward at 64x64x8x3 spills 24 B on 3.9 (the TMA one does not)
     (90, 64, True): _cfg(
-        forward=(64, 64, 8, 3), dkdv=(32, 128, 8, 2), dq=(128, 64, 8, 2), forward_pointer=(64, 32, 8, 3)
+        forward=(64, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 64, 8, 3), forward_pointer=(64, 32, 8, 3)
     ),
     # fp32 D = 128: forward 64x32 spilled; dq at 4 warps spilled 8 B at D = 80/96 under Triton 3.9
-    (90, 128, True): _cfg(forward=(32, 32, 4, 3), dkdv=(32, 32, 4, 1), dq=(16, 32, 8, 1)),
-    (80, 64, True): _cfg(forward=(128, 64, 8, 3), dkdv=(16, 32, 4, 1), dq=(64, 32, 8, 1)),
-    (80, 128, True): _cfg(forward=(64, 32, 8, 2), dkdv=(32, 32, 4, 1), dq=(32, 32, 8, 1)),
+    (90, 128, True): _cfg(forward=(32, 32, 4, 3), dkdv=(32, 32, 4, 1), dq=(16, 32, 8, 3)),
+    (80, 64, True): _cfg(forward=(128, 64, 8, 3), dkdv=(16, 32, 8, 3), dq=(64, 32, 8, 3)),
+    (80, 128, True): _cfg(forward=(64, 32, 8, 2), dkdv=(32, 32, 8, 3), dq=(32, 32, 8, 3)),
 }
 
 _INTERPRET_PASS = PassConfig(16, 16, 4, 1)

@@ -31,7 +31,10 @@ the unscaled scores and folds the scale into the exponent (one FMA per score); i
 Backward: the dQ pass runs first (one program per query block, looping over its key blocks) and
 also writes ``delta = rowsum(dO * O)``; then the dK/dV pass (one program per key block of one kv
 head, looping over the query heads of its GQA group and their query blocks) reads it. No atomics:
-the gradients are deterministic.
+the gradients are deterministic. Where :func:`tma_ready` allows (sm_90, 16-byte aligned strides)
+the forward and the dQ pass read K/V through TMA tensor descriptors, else through pointers; dK/dV
+streams Q/dO through pointers (its descriptor variant needed more registers and spilled). Index
+schedules load each list entry one tile ahead of its use.
 
 Layout: q/out/dq [B, Hq, Lq, D], k/v/dk/dv [B, Hkv, Lk, D], any strides with the last one 1 (so an
 SDPA view of a [B, L, H, D] tensor runs without a copy). Offsets: the base of every tile (batch,
@@ -77,13 +80,6 @@ def _load_rows(ptrs, ok, CHECK: tl.constexpr, other):
     """Load a 1-D vector; bounds-checked only when CHECK."""
     vec = tl.load(ptrs, mask=ok, other=other) if CHECK else tl.load(ptrs)
     return vec
-
-
-@triton.jit
-def _block_at(block_list, j, RANGE: tl.constexpr):
-    """The other side's block index at schedule position ``j``."""
-    block = j if RANGE else tl.load(block_list + j)
-    return block
 
 
 @triton.jit
@@ -317,8 +313,13 @@ def _dkdv_tiles(
     both partial ranges of a range schedule: one pipelined loop fewer, which keeps dK/dV's
     registers from spilling)."""
     CHECK: tl.constexpr = BOUNDS or PAD_D
+    following = 0 if RANGE else tl.load(block_list + lo, mask=lo < hi, other=0)
     for j in range(lo, hi):
-        start_m = _block_at(block_list, tl.where(j < gap_at, j, j + gap), RANGE) * BLOCK_M
+        if RANGE:
+            start_m = tl.where(j < gap_at, j, j + gap) * BLOCK_M
+        else:  # an index list has no gap; its next entry is loaded one tile ahead, off the copies' path
+            start_m = following * BLOCK_M
+            following = tl.load(block_list + tl.minimum(j + 1, hi - 1))
         rows = start_m + offs_i
         row_ok = rows < seq_q
         first = start_m.to(tl.int64)
@@ -433,31 +434,46 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(
-    dq, q, do, lse2, delta, k_base, v_base, offs_d, stride_kn, stride_vn, block_list, lo, hi,
+    dq, q, do, lse2, delta, k_src, v_src, b32, hk32, offs_d, stride_kn, stride_vn, block_list, lo, hi,
     row_start, row_end, offs_n, d_ok, qk_scale, seq_k,
-    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, PAD_D: tl.constexpr, RANGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr,
+    PAD_D: tl.constexpr, RANGE: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate dQ (unscaled) of one query block over the key blocks at positions ``[lo, hi)``."""
+    """Accumulate dQ (unscaled) of one query block over the key blocks at positions ``[lo, hi)``.
+
+    TMA: ``k_src``/``v_src`` are tensor descriptors over the whole [B, Hkv, Lk, D] keys/values
+    (block [1, 1, BLOCK_N, BLOCK_D], zero fill past every edge) and ``b32, hk32`` the (batch, kv
+    head) as int32; else they are this (batch, kv head)'s base pointers, and tiles are
+    bounds-checked only when BOUNDS or PAD_D."""
     CHECK: tl.constexpr = BOUNDS or PAD_D
+    following = 0 if RANGE else tl.load(block_list + lo, mask=lo < hi, other=0)
     for j in range(lo, hi):
-        start_n = _block_at(block_list, j, RANGE) * BLOCK_N
+        if RANGE:
+            start_n = j * BLOCK_N
+        else:  # the index list's next entry is loaded one tile ahead, off the copies' critical path
+            start_n = following * BLOCK_N
+            following = tl.load(block_list + tl.minimum(j + 1, hi - 1))
         cols = start_n + offs_n
-        col_ok = cols < seq_k
-        first = start_n.to(tl.int64)
-        k_t = _load(
-            k_base + first * stride_kn + (offs_n[None, :] * stride_kn + offs_d[:, None]),
-            d_ok[:, None],
-            col_ok[None, :],
-            CHECK,
-            0.0,
-        )
-        v_t = _load(
-            v_base + first * stride_vn + (offs_n[None, :] * stride_vn + offs_d[:, None]),
-            d_ok[:, None],
-            col_ok[None, :],
-            CHECK,
-            0.0,
-        )
+        if TMA:
+            k_t = tl.trans(tl.reshape(k_src.load([b32, hk32, start_n, 0]), (BLOCK_N, BLOCK_D)))
+            v_t = tl.trans(tl.reshape(v_src.load([b32, hk32, start_n, 0]), (BLOCK_N, BLOCK_D)))
+        else:
+            col_ok = cols < seq_k
+            first = start_n.to(tl.int64)
+            k_t = _load(
+                k_src + first * stride_kn + (offs_n[None, :] * stride_kn + offs_d[:, None]),
+                d_ok[:, None],
+                col_ok[None, :],
+                CHECK,
+                0.0,
+            )
+            v_t = _load(
+                v_src + first * stride_vn + (offs_n[None, :] * stride_vn + offs_d[:, None]),
+                d_ok[:, None],
+                col_ok[None, :],
+                CHECK,
+                0.0,
+            )
         p = tl.math.exp2(tl.dot(q, k_t) * qk_scale - lse2[:, None])
         if PARTIAL:
             p = tl.where((cols[None, :] >= row_start[:, None]) & (cols[None, :] < row_end[:, None]), p, 0.0)
@@ -474,13 +490,15 @@ def _dq_kernel(
     stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
     num_heads, group, seq_q, seq_k, num_q_blocks, schedule_width, sm_scale, qk_scale, head_dim,
     BLOCK_D: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    RANGE: tl.constexpr,
+    RANGE: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """One program: dQ of one query block of one (batch, query head); also writes its rows of
-    delta = rowsum(dO * O), which the dK/dV pass (launched after this one) reads."""
+    delta = rowsum(dO * O), which the dK/dV pass (launched after this one) reads. TMA: K and V are
+    tensor descriptors (block [1, 1, BLOCK_N, BLOCK_D]), their strides unused."""
     INDEX: tl.constexpr = not RANGE
     qb, bh = _program_block(num_q_blocks, tl.num_programs(0) // num_q_blocks, True)
-    b = (bh // num_heads).to(tl.int64)
+    b32 = bh // num_heads
+    b = b32.to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
     hk = h // group
     first_m = (qb * BLOCK_M).to(tl.int64)
@@ -523,21 +541,27 @@ def _dq_kernel(
     row_end = tl.load(KvEnd + b * seq_q + offs_m, mask=row_ok, other=0)
     meta = Schedule + (b * num_q_blocks + qb) * schedule_width
     a, b_end, c = tl.load(meta), tl.load(meta + 1), tl.load(meta + 2)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    if TMA:
+        k_src = K
+        v_src = V
+    else:
+        k_src = K + b * stride_kb + hk * stride_kh
+        v_src = V + b * stride_vb + hk * stride_vh
+    hk32 = hk.to(tl.int32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_tiles(
-        dq, q, do, lse2, delta, k_base, v_base, offs_d, stride_kn, stride_vn, meta + 4, a, b_end,
-        row_start, row_end, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, True, INDEX, PAD_D, RANGE,
+        dq, q, do, lse2, delta, k_src, v_src, b32, hk32, offs_d, stride_kn, stride_vn, meta + 4, a, b_end,
+        row_start, row_end, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, BLOCK_D, True, INDEX, PAD_D, RANGE, TMA,
     )  # fmt: skip
     dq = _dq_tiles(
-        dq, q, do, lse2, delta, k_base, v_base, offs_d, stride_kn, stride_vn, meta + 4, b_end, c,
-        row_start, row_end, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, False, False, PAD_D, RANGE,
+        dq, q, do, lse2, delta, k_src, v_src, b32, hk32, offs_d, stride_kn, stride_vn, meta + 4, b_end, c,
+        row_start, row_end, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, BLOCK_D, False, False, PAD_D, RANGE, TMA,
     )  # fmt: skip
     if RANGE:
         dq = _dq_tiles(
-            dq, q, do, lse2, delta, k_base, v_base, offs_d, stride_kn, stride_vn, meta + 4, c,
-            tl.load(meta + 3), row_start, row_end, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, True, True, PAD_D, RANGE,
+            dq, q, do, lse2, delta, k_src, v_src, b32, hk32, offs_d, stride_kn, stride_vn, meta + 4, c,
+            tl.load(meta + 3), row_start, row_end, offs_n, d_ok, qk_scale, seq_k, BLOCK_N, BLOCK_D, True, True,
+            PAD_D, RANGE, TMA,
         )  # fmt: skip
     dq_ptrs = (
         DQ
@@ -574,7 +598,8 @@ def kernel_launches(
     head_dim: int, config: AttentionConfig, schedule: str = "range", tma: bool = False
 ) -> list[tuple]:
     """Every kernel a forward + backward with this head dim, config, schedule kind ("range" or
-    "index") and load path (``tma``: the forward's key/value tiles through tensor descriptors)
+    "index") and load path (``tma``: the forward's and the dQ pass's key/value tiles through tensor
+    descriptors; dK/dV streams Q/dO through pointers either way)
     launches, as (name, jit function, constexpr arguments, PassConfig, names of its tile loops in
     source order); used by the ahead-of-time compile check."""
     loops = _LOOP_NAMES[schedule]
@@ -583,12 +608,13 @@ def kernel_launches(
     return [
         ("forward", _fwd_kernel, forward, fwd, _FWD_LOOP_NAMES[schedule]),
         ("dkdv", _dkdv_kernel, _constexprs(head_dim, config.dkdv, schedule), config.dkdv, _DKDV_LOOP_NAMES),
-        ("dq", _dq_kernel, _constexprs(head_dim, config.dq, schedule), config.dq, loops),
+        ("dq", _dq_kernel, _constexprs(head_dim, config.dq, schedule) | {"TMA": tma}, config.dq, loops),
     ]
 
 
 # The arguments each kernel takes as tensor descriptors when TMA, and the constexpr giving their block rows
-_DESCRIPTOR_ARGS = {"forward": (("K", "V"), "BLOCK_N")}
+# (dK/dV reads Q/dO through pointers: through descriptors its 16x128 tile spilled 40 B on Triton 3.6)
+_DESCRIPTOR_ARGS = {"forward": (("K", "V"), "BLOCK_N"), "dq": (("K", "V"), "BLOCK_N")}
 
 
 def descriptor_blocks(name: str, constexprs: dict) -> dict[str, list[int]]:
@@ -601,8 +627,8 @@ def descriptor_blocks(name: str, constexprs: dict) -> dict[str, list[int]]:
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:
-    """Whether the forward reads these [B, H, L, D] tensors (as :func:`launch_ready` will hand
-    them over) through TMA tensor descriptors: on Hopper or later (and under the interpreter,
+    """Whether the forward and the dQ pass read these [B, H, L, D] tensors (as :func:`launch_ready`
+    will hand them over) through TMA tensor descriptors: on Hopper or later (and under the interpreter,
     which emulates descriptors), when every tensor is non-empty and its leading strides are
     multiples of 16 bytes (the copy engine's rule; a contiguous copy's always are, every supported
     head dim being a multiple of 8 elements). Shapes and strides only, so that ``torch.compile``
@@ -742,11 +768,17 @@ def attention_backward(
     delta = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     n_q, width, is_range = _schedule_args(dq_schedule)
+    constexprs = _constexprs(head_dim, dq_config, "range" if is_range else "index")
+    tma = tma_ready(k, v)
+    if tma:
+        k_in, v_in = (_descriptor(_aligned(t), dq_config.block_n, constexprs["BLOCK_D"]) for t in (k, v))
+    else:
+        k_in, v_in = k, v
     _dq_kernel[grid_1d(n_q, batch * heads)](
-        q, k, v, out, dout, lse2, delta, dq, kv_start, kv_end, dq_schedule,
+        q, k_in, v_in, out, dout, lse2, delta, dq, kv_start, kv_end, dq_schedule,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *_strides3(dout), *_strides3(dq),
         heads, group, seq_q, seq_k, n_q, width, scale, scale * LOG2E, head_dim,
-        **_constexprs(head_dim, dq_config, "range" if is_range else "index"), **_launch_options(dq_config),
+        **constexprs, TMA=tma, **_launch_options(dq_config),
     )  # fmt: skip
     n_k, width, is_range = _schedule_args(dkdv_schedule)
     _dkdv_kernel[grid_1d(n_k, batch * heads_kv)](

@@ -201,7 +201,8 @@ def test_strided_sdpa_views_run_in_place_and_keep_their_layout():
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_keys_without_16_byte_strides_take_the_pointer_path(schedule):
     """Keys/values whose row stride is not a multiple of 16 bytes cannot be TMA descriptors: the
-    forward reads them through pointers (chosen on the host from the strides) and still matches."""
+    forward and the dQ pass read them through pointers (chosen on the host from the strides) and
+    still match (every other test here runs both through the interpreter's descriptors)."""
     mask = _layout_mask("croc", batch=2, seq_len=37, seed=3)
     q, k, v, dout = _inputs(2, 2, 1, 37, 37, 64, torch.float32, seed=3)
     k, v = (torch.cat([t, t[..., :1]], dim=-1)[..., :64] for t in (k, v))  # row stride 65 elements
