@@ -21,7 +21,6 @@ from transformers import (
     MistralForCausalLM,
 )
 
-import croc.integrations.transformers as integration
 from croc import PromptTokenPool
 from croc.integrations.transformers import ATTN_IMPLEMENTATION
 from croc.model import TINY_IMAGE_TOKEN_ID, CrocLlavaForConditionalGeneration, tiny_config
@@ -281,20 +280,6 @@ def test_compiled_pool_with_a_ragged_replace_mask_equals_eager(assignment):
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     assert (results[1][1] >= 0).sum(dim=1).tolist() == replace_mask.sum(dim=1).tolist()
-
-
-@pytest.fixture
-def croc_calls(monkeypatch):
-    """Counts the eager calls that reach croc.mixed_attention (the real function still runs)."""
-    calls = []
-    real = integration.mixed_attention
-
-    def counted(*args, **kwargs):
-        calls.append(args[3])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(integration, "mixed_attention", counted)
-    return calls
 
 
 def _generate(model, implementation, **kwargs):

@@ -83,20 +83,6 @@ class _AttentionOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture
-def croc_calls(monkeypatch):
-    """The masks of the calls that reach croc.mixed_attention (the real function still runs)."""
-    calls = []
-    real = integration.mixed_attention
-
-    def counted(*args, **kwargs):
-        calls.append(args[3])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(integration, "mixed_attention", counted)
-    return calls
-
-
 def _text_layers(model) -> list:
     language_model = getattr(model.model, "language_model", model.model)
     return list(language_model.layers)
