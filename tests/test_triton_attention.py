@@ -211,6 +211,20 @@ def test_keys_without_16_byte_strides_take_the_pointer_path(schedule):
     _assert_matches_fp64(q, k, v, dout, mask, TOLERANCE[torch.float32], schedule)
 
 
+def test_keys_off_the_16_byte_grid_are_copied_for_the_descriptors():
+    """Aligned strides but a base address 4 bytes off the 16-byte grid (a view one element into
+    its storage): TMA is still chosen (shapes and strides only), the launch copies K/V into aligned
+    memory for the descriptors, and forward and gradients still match."""
+    mask = _layout_mask("spans", batch=2, seq_len=37, seed=4)
+    q, k, v, dout = _inputs(2, 2, 1, 37, 37, 64, torch.float32, seed=4)
+    k, v = (torch.cat([t.new_zeros(1), t.flatten()])[1:].view_as(t) for t in (k, v))
+    assert k.data_ptr() % 16 == 4 and k.is_contiguous()
+    assert kernels.mixed_attention.tma_ready(k, v) == (DEVICE == "cpu" or _hopper())
+    copied = kernels.mixed_attention._aligned(k)
+    assert copied.data_ptr() % 16 == 0 and copied.stride() == k.stride() and torch.equal(copied, k)
+    _assert_matches_fp64(q, k, v, dout, mask, TOLERANCE[torch.float32])
+
+
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
